@@ -1,0 +1,12 @@
+"""rsa_mlx: Risk-aware Stepwise Alignment (RSA) for MLX.
+
+Importing the package first loads an optimised BLAS into MLX on Linux when one
+is installed (see :mod:`rsa_mlx._blas`); this only works if ``rsa_mlx`` is
+imported before ``mlx``.
+"""
+
+from rsa_mlx._blas import preload as _preload_blas
+
+_preload_blas()
+
+__version__ = "0.1.0"

@@ -1,0 +1,2 @@
+# Import rsa_mlx before anything imports mlx, so the fast BLAS is loaded first.
+import rsa_mlx  # noqa: F401

@@ -1,0 +1,93 @@
+"""The optional fast BLAS on Linux (rsa_mlx._blas)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rsa_mlx import _blas
+
+LINUX = sys.platform.startswith("linux")
+PROBE = (
+    "import json, os, rsa_mlx; from rsa_mlx import _blas; "
+    "s = _blas.STATUS; print(json.dumps({'loaded': s.loaded, 'reason': s.reason, "
+    "'coretype': os.environ.get('OPENBLAS_CORETYPE'), "
+    "'mapped': _blas.loaded_blas_libraries()}))"
+)
+
+
+def probe(env_update: dict[str, str | None], prelude: str = "") -> dict:
+    env = dict(os.environ)
+    for key, value in env_update.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    out = subprocess.run(
+        [sys.executable, "-c", prelude + PROBE],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_status_explains_itself():
+    assert _blas.STATUS.attempted
+    assert _blas.STATUS.reason
+
+
+@pytest.mark.skipif(not LINUX, reason="the fast-BLAS preload is Linux only")
+def test_fast_path_active_when_library_installed():
+    expected = os.environ.get("RSA_MLX_EXPECT_FAST_BLAS") == "1"
+    if _blas._find_library() is None:
+        if expected:
+            pytest.fail("CI installed OpenBLAS but rsa_mlx cannot find it")
+        pytest.skip("no OpenBLAS on this machine")
+    status = probe({"RSA_MLX_OPENBLAS": None})
+    assert status["loaded"], status["reason"]
+    assert any("openblas" in path for path in status["mapped"]), status["mapped"]
+    # In this process too (conftest imports rsa_mlx before mlx): MLX's matmul
+    # must run far above the ~7 GFLOP/s of the bundled reference BLAS.
+    assert _blas.STATUS.loaded
+    gflops = _blas.measure_gflops(512, repeats=3)
+    assert gflops > 30, f"{gflops:.1f} GFLOP/s: is MLX still on the reference BLAS?"
+
+
+@pytest.mark.skipif(not LINUX, reason="the fast-BLAS preload is Linux only")
+def test_switch_turns_it_off():
+    status = probe({"RSA_MLX_OPENBLAS": "0"})
+    assert not status["loaded"]
+    assert "disabled" in status["reason"]
+    assert not any("openblas" in path for path in status["mapped"])
+
+
+@pytest.mark.skipif(not LINUX, reason="the fast-BLAS preload is Linux only")
+def test_user_openblas_variables_are_never_changed():
+    if _blas._find_library() is None:
+        pytest.skip("no OpenBLAS on this machine")
+    status = probe({"RSA_MLX_OPENBLAS": None, "OPENBLAS_CORETYPE": "Haswell"})
+    assert status["loaded"]
+    assert status["coretype"] == "Haswell"
+    assert (
+        probe({"RSA_MLX_OPENBLAS": None, "OPENBLAS_CORETYPE": None})["coretype"] is None
+    )
+
+
+@pytest.mark.skipif(not LINUX, reason="the fast-BLAS preload is Linux only")
+def test_too_late_after_mlx_import_is_reported():
+    status = probe({"RSA_MLX_OPENBLAS": None}, prelude="import mlx.core; ")
+    assert not status["loaded"]
+    assert "imported before" in status["reason"]
+
+
+@pytest.mark.skipif(not LINUX, reason="the fast-BLAS preload is Linux only")
+def test_explicit_missing_path_is_not_loaded():
+    status = probe({"RSA_MLX_OPENBLAS": "/nonexistent/libopenblas.so"})
+    assert not status["loaded"]
+    assert "no OpenBLAS" in status["reason"]
