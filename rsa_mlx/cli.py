@@ -62,5 +62,13 @@ def info(no_bench: bool):
         click.echo(f"matmul      {gflops:.0f} GFLOP/s (float32 1024x1024, CPU)")
 
 
+def _register():
+    from rsa_mlx.train import main as align
+
+    main.add_command(align, "align")
+
+
+_register()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,401 @@
+"""LoRA adapters for the two stages, the in-network reference, and their files.
+
+Both stages train mlx-lm LoRA layers. Stage 1 wraps the base layers; stage 2
+wraps the (frozen) stage-1 LoRA layers, so the network computes
+``base(x) + s1 * x A1 B1 + s2 * x A2 B2``. A stage's reference policy is the
+same network with that stage's adapters switched off (``scale = 0``), which
+leaves every other output bit-for-bit as it was: the stage-1 reference is the
+base model and the stage-2 reference is the stage-1 policy, with no second
+copy of the weights.
+
+Files are mlx-lm's (``adapters.safetensors`` + ``adapter_config.json``):
+
+* ``<run>/reward/`` (stage 1) loads in ``mlx_lm.load(base, adapter_path=...)``;
+* ``<run>/safety/`` holds the stage-2 tensors, relative to the stage-1 model,
+  under the same names; its ``adapter_config.json`` names the adapter it
+  stacks on (``rsa_mlx.base_adapter``), and :func:`load` applies both;
+* ``<run>/final/`` is both stages folded into one mlx-lm adapter of rank
+  ``r1 + r2`` (the stage-2 part scaled by the merge ratio q), for
+  ``mlx_lm.load``/``mlx_lm.generate --adapter-path`` directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
+from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
+
+ADAPTER_FILE = "adapters.safetensors"
+CONFIG_FILE = "adapter_config.json"
+LORA_TYPES = (LoRALinear, LoRASwitchLinear, LoRAEmbedding)
+_BASE_TYPES = (
+    nn.Linear,
+    nn.QuantizedLinear,
+    SwitchLinear,
+    QuantizedSwitchLinear,
+    nn.Embedding,
+    nn.QuantizedEmbedding,
+)
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA settings of one stage (mlx-lm's ``lora_parameters``).
+
+    ``scale`` multiplies the update directly (mlx-lm convention, not
+    ``alpha / rank``). ``num_layers = -1`` adapts every block; ``keys`` picks
+    module paths inside a block (e.g. ``["self_attn.q_proj"]``), default all
+    linear layers.
+    """
+
+    rank: int = 8
+    scale: float = 20.0
+    dropout: float = 0.0
+    num_layers: int = 16
+    keys: list[str] | None = field(default=None)
+
+    def lora_parameters(self) -> dict:
+        params = {"rank": self.rank, "scale": self.scale, "dropout": self.dropout}
+        if self.keys is not None:
+            params["keys"] = list(self.keys)
+        return params
+
+
+def _blocks(model: nn.Module, num_layers: int):
+    layers = model.layers
+    return (
+        layers
+        if num_layers < 0
+        else layers[len(layers) - min(num_layers, len(layers)) :]
+    )
+
+
+def _wrap(module: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """A new LoRA layer on top of ``module`` (a base layer or a frozen LoRA)."""
+    r, scale, dropout = cfg.rank, cfg.scale, cfg.dropout
+    if isinstance(module, LoRALinear):
+        (in_dims, _), (_, out_dims) = module.lora_a.shape, module.lora_b.shape
+        new = LoRALinear(in_dims, out_dims, r=r, dropout=dropout, scale=scale)
+        new.linear = module
+    elif isinstance(module, LoRASwitchLinear):
+        experts, _, in_dims = module.lora_a.shape
+        out_dims = module.lora_b.shape[1]
+        new = LoRASwitchLinear(
+            in_dims, out_dims, experts, r=r, dropout=dropout, scale=scale
+        )
+        new.linear = module
+    elif isinstance(module, LoRAEmbedding):
+        (num, _), (_, dims) = module.lora_a.shape, module.lora_b.shape
+        new = LoRAEmbedding(num, dims, r=r, dropout=dropout, scale=scale)
+        new.embedding = module
+    elif isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+        new = LoRALinear.from_base(module, r=r, dropout=dropout, scale=scale)
+    elif isinstance(module, (SwitchLinear, QuantizedSwitchLinear)):
+        new = LoRASwitchLinear.from_base(module, r=r, dropout=dropout, scale=scale)
+    elif isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)):
+        new = LoRAEmbedding.from_base(module, r=r, dropout=dropout, scale=scale)
+    else:
+        raise ValueError(f"cannot put a LoRA layer on {type(module).__name__}")
+    return new
+
+
+def _targets(block: nn.Module, keys: list[str] | None) -> list[str]:
+    """Paths in a block to adapt: outermost LoRA layers and bare base layers."""
+    found = []
+    for path, module in block.named_modules():
+        if any(path.startswith(p + ".") for p in found):
+            continue  # inside a LoRA layer already chosen
+        if isinstance(module, LORA_TYPES) or (
+            isinstance(module, _BASE_TYPES) and not _inside_lora(block, path)
+        ):
+            found.append(path)
+    return found if keys is None else [p for p in found if p in set(keys)]
+
+
+def _inside_lora(block: nn.Module, path: str) -> bool:
+    parts = path.split(".")
+    for i in range(1, len(parts)):
+        parent = block
+        for name in parts[:i]:
+            parent = (
+                parent[int(name)] if isinstance(parent, list) else getattr(parent, name)
+            )
+        if isinstance(parent, LORA_TYPES):
+            return True
+    return False
+
+
+def add_adapter(model: nn.Module, cfg: LoRAConfig) -> list[nn.Module]:
+    """Freeze ``model`` and add one trainable LoRA adapter; return its layers.
+
+    On a model without LoRA this is mlx-lm's ``linear_to_lora_layers``; on a
+    model that has one (an earlier stage), the new layers wrap the old ones.
+    """
+    model.freeze()
+    before = {id(m) for _, m in model.named_modules() if isinstance(m, LORA_TYPES)}
+    if not before:
+        linear_to_lora_layers(model, cfg.num_layers, cfg.lora_parameters())
+    else:
+        for block in _blocks(model, cfg.num_layers):
+            new = [(p, _wrap(_get(block, p), cfg)) for p in _targets(block, cfg.keys)]
+            if new:
+                block.update_modules(tree_unflatten(new))
+    added = [
+        m
+        for _, m in model.named_modules()
+        if isinstance(m, LORA_TYPES) and id(m) not in before
+    ]
+    if not added:
+        raise ValueError(
+            f"no layers to adapt (num_layers={cfg.num_layers}, keys={cfg.keys})"
+        )
+    return added
+
+
+def _get(block: nn.Module, path: str) -> nn.Module:
+    module = block
+    for name in path.split("."):
+        module = (
+            module[int(name)] if isinstance(module, list) else getattr(module, name)
+        )
+    return module
+
+
+@contextmanager
+def disabled(layers: list[nn.Module]) -> Iterator[None]:
+    """Switch adapter ``layers`` off: ``y + 0 * update`` is ``y`` bit for bit.
+
+    Used inside the compiled step, where the change is traced, to run the
+    reference policy through the same weights.
+    """
+    scales = [m.scale for m in layers]
+    for m in layers:
+        m.scale = 0.0
+    try:
+        yield
+    finally:
+        for m, s in zip(layers, scales):
+            m.scale = s
+
+
+def set_merge(layers: list[nn.Module], q: float, base_scale: float) -> None:
+    """P-SACPO merge ``W = W1 + q dW2``: scale stage-2 layers to ``q * scale``."""
+    for m in layers:
+        m.scale = q * base_scale
+
+
+def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
+    """The trainable (current stage's) adapter tensors, by mlx-lm name."""
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix
+    )
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_json(path: Path, data: dict) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+
+    _atomic_write(Path(path), write)
+
+
+def save_text(path: Path, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    _atomic_write(Path(path), write)
+
+
+def save_safetensors(path: Path, arrays: dict[str, mx.array], metadata=None) -> None:
+    _atomic_write(
+        Path(path), lambda tmp: mx.save_safetensors(tmp, arrays, metadata or {})
+    )
+
+
+def adapter_config(cfg: LoRAConfig, extra: dict | None = None) -> dict:
+    """``adapter_config.json`` content that ``mlx_lm.load_adapters`` reads."""
+    config = {
+        "fine_tune_type": "lora",
+        "num_layers": cfg.num_layers,
+        "lora_parameters": cfg.lora_parameters(),
+    }
+    if extra:
+        config["rsa_mlx"] = extra
+    return config
+
+
+def save_adapter(folder: Path, model: nn.Module, cfg: LoRAConfig, extra=None) -> None:
+    """Write the current stage's adapter in mlx-lm's format (atomically)."""
+    folder = Path(folder)
+    save_safetensors(folder / ADAPTER_FILE, adapter_weights(model))
+    save_json(folder / CONFIG_FILE, adapter_config(cfg, extra))
+
+
+def read_config(folder: Path) -> dict:
+    path = Path(folder) / CONFIG_FILE
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path}: no adapter config (not an adapter folder?)"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON ({e.msg})") from None
+
+
+def config_from_file(config: dict) -> LoRAConfig:
+    params = config.get("lora_parameters", {})
+    return LoRAConfig(
+        rank=params.get("rank", 8),
+        scale=params.get("scale", 20.0),
+        dropout=params.get("dropout", 0.0),
+        num_layers=config.get("num_layers", 16),
+        keys=params.get("keys"),
+    )
+
+
+def apply_adapter(
+    model: nn.Module, folder: Path, merge: float = 1.0, with_base: bool = True
+) -> list[nn.Module]:
+    """Add the adapter saved in ``folder`` (and, first, any it stacks on).
+
+    Returns the layers of ``folder``'s own adapter. ``merge`` scales this
+    adapter only (the P-SACPO ratio q for a stage-2 adapter). With
+    ``with_base=False`` the adapter it stacks on must be on ``model`` already.
+    """
+    folder = Path(folder)
+    config = read_config(folder)
+    if config.get("fine_tune_type", "lora") != "lora":
+        raise ValueError(
+            f"{folder}: only LoRA adapters are supported, not "
+            f"{config.get('fine_tune_type')!r}"
+        )
+    base = (config.get("rsa_mlx") or {}).get("base_adapter")
+    if base is None and not any(
+        isinstance(m, LORA_TYPES) for _, m in model.named_modules()
+    ):
+        load_adapters(model, str(folder))  # plain mlx-lm adapter: its own checks
+        layers = [m for _, m in model.named_modules() if isinstance(m, LORA_TYPES)]
+    else:
+        if base is not None and with_base:
+            apply_adapter(model, (folder / base).resolve())
+        cfg = config_from_file(config)
+        layers = add_adapter(model, cfg)
+        weights = mx.load(str(folder / ADAPTER_FILE))
+        expected = adapter_weights(model)
+        problems = [
+            f"{k}: {'unexpected' if k not in expected else 'shape ' + str(v.shape)}"
+            for k, v in weights.items()
+            if k not in expected or expected[k].shape != v.shape
+        ]
+        missing = sorted(set(expected) - set(weights))
+        if problems or missing:
+            detail = (problems + [f"{k}: missing" for k in missing])[0]
+            raise ValueError(f"{folder}: adapter does not match the model ({detail})")
+        model.load_weights(list(weights.items()), strict=False)
+    if merge != 1.0:
+        for m in layers:
+            m.scale = merge * m.scale
+    model.freeze()
+    return layers
+
+
+def combined_adapter(model: nn.Module) -> tuple[dict[str, mx.array], int]:
+    """Fold every stacked LoRA layer into one mlx-lm LoRA layer.
+
+    A stack ``y = base(x) + sum_k s_k x A_k B_k`` equals one LoRA layer with
+    ``A = [A_1 ... A_K]``, ``B = [s_1 B_1; ...; s_K B_K]`` and scale 1, of
+    rank ``sum r_k``; ranks are zero-padded to the largest total so every
+    layer has the same rank. Returns the tensors (by mlx-lm name) and rank.
+    """
+    stacks = {}
+    for path, module in model.named_modules():
+        if not isinstance(module, LORA_TYPES) or any(
+            path.startswith(p + ".") for p in stacks
+        ):
+            continue
+        chain, m = [], module
+        while isinstance(m, LORA_TYPES):
+            chain.append(m)
+            m = m.embedding if isinstance(m, LoRAEmbedding) else m.linear
+        stacks[path] = chain
+    rank = max(sum(_rank(m) for m in chain) for chain in stacks.values())
+    out = {}
+    for path, chain in stacks.items():
+        a, b = _fold(chain, rank)
+        out[f"{path}.lora_a"], out[f"{path}.lora_b"] = a, b
+    return out, rank
+
+
+def _rank(m: nn.Module) -> int:
+    return m.lora_a.shape[-2] if isinstance(m, LoRASwitchLinear) else m.lora_a.shape[-1]
+
+
+def _fold(chain: list[nn.Module], rank: int) -> tuple[mx.array, mx.array]:
+    first = chain[0]
+    if isinstance(first, LoRASwitchLinear):  # a: [E, r, in], b: [E, out, r]
+        a = mx.concatenate([m.lora_a for m in chain], axis=1)
+        b = mx.concatenate([m.scale * m.lora_b for m in chain], axis=2)
+        pad = rank - a.shape[1]
+        a = mx.pad(a, [(0, 0), (0, pad), (0, 0)])
+        b = mx.pad(b, [(0, 0), (0, 0), (0, pad)])
+    else:  # a: [in, r], b: [r, out] (embeddings: [num, r], [r, dims])
+        a = mx.concatenate([m.lora_a for m in chain], axis=1)
+        b = mx.concatenate([m.scale * m.lora_b for m in chain], axis=0)
+        pad = rank - a.shape[1]
+        a = mx.pad(a, [(0, 0), (0, pad)])
+        b = mx.pad(b, [(0, pad), (0, 0)])
+    return a, b
+
+
+def save_combined(folder: Path, model: nn.Module, num_layers: int, extra=None) -> None:
+    """Write all of ``model``'s adapters as one plain mlx-lm adapter."""
+    weights, rank = combined_adapter(model)
+    keys = sorted({_relative_key(model, k.rsplit(".", 1)[0]) for k in weights})
+    cfg = LoRAConfig(
+        rank=rank, scale=1.0, dropout=0.0, num_layers=num_layers, keys=keys
+    )
+    folder = Path(folder)
+    save_safetensors(folder / ADAPTER_FILE, weights)
+    save_json(folder / CONFIG_FILE, adapter_config(cfg, extra))
+
+
+def _relative_key(model: nn.Module, path: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` -> ``self_attn.q_proj``."""
+    parts = path.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "layers" and parts[i + 1].isdigit():
+            return ".".join(parts[i + 2 :])
+    return path
+
+
+def describe(cfg: LoRAConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,138 @@
+"""mlx-lm models: logits at response positions only, and loading runs.
+
+Only response positions need vocabulary-sized work, so the step gathers the
+transformer's hidden states at those positions and applies the output head
+to them alone: prompt and padding positions never become logits. The split
+``model.model`` (trunk) + ``lm_head`` / tied embedding (head) is checked once
+against the model's own forward; models whose head does more (logit
+soft-capping, scaling) fall back to full logits and a gather.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from rsa_mlx import adapters
+
+RUN_FILE = "run.json"
+
+
+def _head(model: nn.Module):
+    """A function hidden -> logits matching ``model``'s output layer, or None.
+
+    Looked up at call time, so LoRA layers added later are used.
+    """
+    trunk = getattr(model, "model", None)
+    if trunk is None or not callable(trunk):
+        return None
+    if "lm_head" in model:
+        return lambda h: model.lm_head(h)
+    embed = getattr(trunk, "embed_tokens", None)
+    if embed is not None and hasattr(embed, "as_linear"):
+        return lambda h: model.model.embed_tokens.as_linear(h)
+    return None
+
+
+class ResponseLogits:
+    """``logits[b, j] = head(trunk(tokens)[b, positions[b, j]])``.
+
+    ``split`` is decided once by comparing against ``model(tokens)`` on a
+    short input; when the split does not reproduce the model's logits, full
+    logits are computed and gathered instead (correct, slower).
+    """
+
+    def __init__(self, model: nn.Module, vocab_check: bool = True):
+        self.model = model
+        self.head = _head(model)
+        self.split = self.head is not None and (not vocab_check or self._agrees())
+
+    def _agrees(self) -> bool:
+        tokens = mx.array([[1, 2, 3, 4, 5, 6, 7, 8]], mx.int32)
+        full = self.model(tokens).astype(mx.float32)
+        mine = self.head(self.model.model(tokens)).astype(mx.float32)
+        if full.shape != mine.shape:
+            return False
+        gap = mx.abs(full - mine).max().item()
+        return gap <= 1e-4 * (1.0 + mx.abs(full).max().item())
+
+    def __call__(self, tokens: mx.array, positions: mx.array) -> mx.array:
+        if self.split:
+            hidden = self.model.model(tokens)
+            picked = mx.take_along_axis(hidden, positions[..., None], axis=1)
+            return self.head(picked)
+        logits = self.model(tokens)
+        return mx.take_along_axis(logits, positions[..., None], axis=1)
+
+
+def read_run(run_dir: Path) -> dict:
+    path = Path(run_dir) / RUN_FILE
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON ({e.msg})") from None
+
+
+def resolve_adapter(adapter_path: Path) -> tuple[Path, dict | None]:
+    """The adapter folder to apply for ``adapter_path`` and the run, if any.
+
+    A run folder resolves to its last trained stage (which stacks on the
+    earlier one); a stage or plain mlx-lm adapter folder resolves to itself.
+    """
+    adapter_path = Path(adapter_path)
+    if not adapter_path.exists():
+        raise FileNotFoundError(f"{adapter_path}: no such adapter or run folder")
+    if (adapter_path / RUN_FILE).exists():
+        run = read_run(adapter_path)
+        if not run.get("stages"):
+            raise ValueError(f"{adapter_path}: the run has no finished stage")
+        return adapter_path / run["stages"][-1]["path"], run
+    if not (adapter_path / adapters.CONFIG_FILE).exists():
+        raise FileNotFoundError(
+            f"{adapter_path}: neither a run folder ({RUN_FILE}) nor an adapter "
+            f"folder ({adapters.CONFIG_FILE})"
+        )
+    return adapter_path, None
+
+
+def load(
+    model: str | None = None,
+    adapter_path: str | Path | None = None,
+    merge: float | None = None,
+    **load_kwargs,
+):
+    """Load a base model and rsa_mlx adapters in one call.
+
+    Args:
+        model: local folder or Hugging Face id of the base model; taken from
+            the run when ``adapter_path`` is a run folder and this is None.
+        adapter_path: a run folder (both stages as trained), one stage's
+            folder (a stage-2 folder brings its stage-1 adapter along), or a
+            plain mlx-lm adapter folder.
+        merge: P-SACPO merge ratio q for the last stage (``W1 + q dW2``);
+            default: the run's own, else 1.
+
+    Returns ``(model, tokenizer)`` as ``mlx_lm.load`` does.
+    """
+    from mlx_lm.utils import load as mlx_load
+
+    folder, run = (
+        (None, None) if adapter_path is None else resolve_adapter(adapter_path)
+    )
+    if model is None:
+        if run is None:
+            raise ValueError("give the base model (model=...), or a run folder")
+        model = run["model"]
+    net, tokenizer = mlx_load(model, **load_kwargs)
+    if folder is not None:
+        if merge is None:
+            merge = (
+                float(run.get("merge", 1.0)) if run and len(run["stages"]) > 1 else 1.0
+            )
+        adapters.apply_adapter(net, folder, merge=merge)
+        net.eval()
+    return net, tokenizer

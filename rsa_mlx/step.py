@@ -1,0 +1,118 @@
+"""One compiled training step for every loss of SPEC §3.
+
+The step runs the reference policy (the same network with the stage's
+adapter switched off, under stop-gradient) and the policy on one
+``[chosen; rejected]`` batch, computes the sequence statistics at response
+positions only, the preference loss and its gradient, accumulates gradients
+over micro-batches and, on the last one, clips them and updates AdamW.
+Metrics stay on device; nothing in the step touches the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+
+from rsa_mlx.adapters import disabled
+from rsa_mlx.losses import preference_loss, split_pairs
+from rsa_mlx.model import ResponseLogits
+from rsa_mlx.risk import sequence_stats
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What one stage optimises (SPEC §3): loss, risk measure and constants."""
+
+    loss: str = "variant2"
+    risk: str = "cvar"
+    mu: float | None = None
+    beta: float = 0.1
+    alpha: float = 0.5
+    length_normalize: bool = False
+
+
+def pair_loss(logits, ref_logits, targets, mask, objective: Objective):
+    """Mean preference loss and metrics of a ``[chosen; rejected]`` batch."""
+    stats = sequence_stats(
+        logits,
+        ref_logits,
+        targets,
+        mask,
+        objective.risk,
+        objective.mu,
+        objective.length_normalize,
+    )
+    chosen, rejected = split_pairs(stats)
+    return preference_loss(
+        chosen, rejected, objective.loss, objective.beta, objective.alpha
+    )
+
+
+def make_step(
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    layers: list[nn.Module],
+    objective: Objective,
+    grad_accumulation_steps: int = 1,
+    max_grad_norm: float | None = 1.0,
+    compile: bool = True,
+    forward: ResponseLogits | None = None,
+):
+    """Build ``step(batch, prev_grad, do_update) -> (metrics, grad)``.
+
+    ``batch`` is ``(tokens, positions, targets, mask)`` as mx arrays;
+    ``layers`` are the trainable adapter layers (switched off for the
+    reference). Call it after the adapters exist: the compiled function
+    captures ``model.state`` as it is then.
+    """
+    if grad_accumulation_steps < 1:
+        raise ValueError("grad_accumulation_steps must be at least 1")
+    forward = forward or ResponseLogits(model)
+
+    def loss_fn(model, tokens, positions, targets, mask, ref_logits):
+        logits = forward(tokens, positions)
+        return pair_loss(logits, ref_logits, targets, mask, objective)
+
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def step(batch, prev_grad, do_update):
+        tokens, positions, targets, mask = batch
+        with disabled(layers):
+            ref_logits = mx.stop_gradient(forward(tokens, positions))
+        (_, metrics), grad = value_and_grad(
+            model, tokens, positions, targets, mask, ref_logits
+        )
+        if prev_grad is not None:
+            grad = tree_map(lambda g, p: g + p, grad, prev_grad)
+        if do_update:
+            if grad_accumulation_steps > 1:
+                grad = tree_map(lambda g: g / grad_accumulation_steps, grad)
+            if max_grad_norm:
+                grad, norm = optim.clip_grad_norm(grad, max_grad_norm)
+                metrics = {**metrics, "grad_norm": norm}
+            optimizer.update(model, grad)
+            grad = None
+        return metrics, grad
+
+    if not compile:
+        return step
+    state = [model.state, optimizer.state, mx.random.state]
+    return partial(mx.compile, inputs=state, outputs=state)(step)
+
+
+def make_eval(layers: list[nn.Module], objective: Objective, forward: ResponseLogits):
+    """``evaluate(batch) -> metrics`` without gradients (validation)."""
+
+    def evaluate(batch):
+        tokens, positions, targets, mask = batch
+        with disabled(layers):
+            ref_logits = forward(tokens, positions)
+        logits = forward(tokens, positions)
+        return pair_loss(logits, ref_logits, targets, mask, objective)[1]
+
+    return evaluate

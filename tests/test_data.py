@@ -1,0 +1,286 @@
+"""Preference data: formats, errors, tokenisation masks, truncation, batching."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+
+import numpy as np
+import pytest
+from mlx_lm.utils import load_tokenizer
+
+from rsa_mlx import data as D
+from tests.tiny import pku_rows, preference_rows, write_jsonl, write_tokenizer
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("chat_tok")
+    write_tokenizer(folder, chat=True)
+    return load_tokenizer(folder)
+
+
+@pytest.fixture(scope="module")
+def plain_tok(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("plain_tok")
+    write_tokenizer(folder, chat=False)
+    return load_tokenizer(folder)
+
+
+# ------------------------------------------------------------------ reading
+
+
+def test_preference_rows(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", preference_rows(7))
+    pairs, report = D.load_pairs(path)
+    assert len(pairs) == 7 and report.rows == 7
+    assert pairs[0].system == "be brief" and pairs[1].system is None
+    assert pairs[2].where == f"{path}:3"
+
+
+def test_pku_rows_give_both_stages(tmp_path):
+    rows = pku_rows(10)
+    rows.append({**rows[0], "response_1": rows[0]["response_0"]})  # equal responses
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    reward, r_report = D.load_pairs(tmp_path, "reward")
+    safety, _ = D.load_pairs(tmp_path, "safety")
+    assert len(reward) == len(safety) == 10
+    assert r_report.skipped["equal responses"] == 1
+    for row, r, s in zip(rows, reward, safety):
+        assert r.chosen == row[f"response_{row['better_response_id']}"]
+        assert s.chosen == row[f"response_{row['safer_response_id']}"]
+        # the helpfulness and safety labels disagree in this data
+        assert r.chosen == s.rejected
+
+
+def test_chat_message_prompts_and_json_lists(tmp_path):
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "hi"}],
+            "chosen": "hello",
+            "rejected": "go away",
+        }
+    ]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(rows))
+    pairs, _ = D.load_pairs(path)
+    assert pairs[0].prompt == ({"role": "user", "content": "hi"},)
+    assert pairs[0].where == f"{path}[0]"
+
+
+def test_folder_splits_stage_folders_and_compressed(tmp_path):
+    write_jsonl(tmp_path / "a" / "reward" / "train.jsonl", preference_rows(4))
+    write_jsonl(tmp_path / "a" / "reward" / "valid.jsonl", preference_rows(2, seed=1))
+    (tmp_path / "a" / "safety").mkdir()
+    with lzma.open(tmp_path / "a" / "safety" / "train.jsonl.xz", "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in preference_rows(3)))
+    assert len(D.load_pairs(tmp_path / "a", "reward")[0]) == 4
+    assert len(D.load_pairs(tmp_path / "a", "reward", "valid")[0]) == 2
+    assert len(D.load_pairs(tmp_path / "a", "safety")[0]) == 3
+    assert D.load_pairs(tmp_path / "a", "safety", "valid")[0] == []
+    # HF snapshot layout: data/<subset>/train.jsonl[.gz], all subsets read
+    for subset, n in (("one", 2), ("two", 3)):
+        folder = tmp_path / "hf" / "data" / subset
+        folder.mkdir(parents=True)
+        with gzip.open(folder / "train.jsonl.gz", "wt") as f:
+            f.write("\n".join(json.dumps(r) for r in pku_rows(n)))
+    assert len(D.load_pairs(tmp_path / "hf", "safety")[0]) == 5
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"prompt": "p", "chosen": "a"\n', "train.jsonl:1: malformed JSON"),
+        (
+            '{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p"}\n',
+            "train.jsonl:2: missing field 'chosen'",
+        ),
+        (
+            '{"prompt": "p", "chosen": 3, "rejected": "b"}\n',
+            "train.jsonl:1: field 'chosen' must be a string, got int",
+        ),
+        (
+            '{"prompt": 7, "chosen": "a", "rejected": "b"}\n',
+            "train.jsonl:1: field 'prompt' must be a string or a non-empty list",
+        ),
+        (
+            '{"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}\n',
+            "train.jsonl:1: field 'prompt'[0] must be a message",
+        ),
+        (
+            '["not", "an", "object"]\n',
+            "train.jsonl:1: expected a JSON object, got list",
+        ),
+        (
+            '{"prompt": "p", "response_0": "a", "response_1": "b", '
+            '"better_response_id": 2, "safer_response_id": 0}\n',
+            "train.jsonl:1: field 'better_response_id' must be 0 or 1, got 2",
+        ),
+        (
+            '{"prompt": "p", "chosen": "same", "rejected": "same"}\n',
+            "no usable preference pairs (0 pairs from 1 rows (skipped: 1 equal responses))",
+        ),
+    ],
+)
+def test_bad_input_names_file_line_and_field(tmp_path, content, message):
+    (tmp_path / "train.jsonl").write_text(content)
+    with pytest.raises(D.DataError) as err:
+        D.load_pairs(tmp_path, "reward")
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_sources(tmp_path):
+    with pytest.raises(D.DataError, match="no train split found"):
+        D.load_pairs(tmp_path)
+    (tmp_path / "reward").mkdir()
+    with pytest.raises(D.DataError, match="no safety/ folder"):
+        D.load_pairs(tmp_path, "safety")
+    with pytest.raises(D.DataError, match="no such file or folder"):
+        D.load_pairs(tmp_path / "nope")
+    pku = write_jsonl(tmp_path / "pku.jsonl", pku_rows(2))
+    with pytest.raises(D.DataError, match="say which stage"):
+        D.load_pairs(pku, None)
+
+
+def test_hub_dataset_id_offline_from_cache(tmp_path, monkeypatch):
+    """An HF id resolves through huggingface-hub's cache when offline."""
+    from huggingface_hub import snapshot_download  # noqa: F401
+
+    snapshot = tmp_path / "snap"
+    write_jsonl(snapshot / "data" / "x" / "train.jsonl", pku_rows(3))
+    calls = []
+
+    def fake_download(repo_id, repo_type, allow_patterns, local_files_only=False):
+        calls.append((repo_id, local_files_only))
+        if not local_files_only:
+            raise OSError("no network")
+        return str(snapshot)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_download)
+    pairs, _ = D.load_pairs("org/name/data/x", "reward")
+    assert len(pairs) == 3
+    assert calls == [("org/name", False), ("org/name", True)]
+
+
+# --------------------------------------------------------------- tokenising
+
+
+def decode(tok, ids):
+    return tok._tokenizer.decode(list(ids))
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_mask_covers_exactly_response_and_end_of_turn(chat, chat_tok, plain_tok):
+    tok = chat_tok if chat else plain_tok
+    pairs = [
+        D.Pair("What is 2+2?", "Four.", "Five, obviously.", "Be exact.", "x:1"),
+        D.Pair("Hi", "Hello there", "Go away", None, "x:2"),
+    ]
+    enc = D.encode_pairs(pairs, tok, max_length=512)
+    eot = "<|im_end|>" if chat else "<|endoftext|>"
+    assert D.end_of_turn_id(tok) == tok._tokenizer.convert_tokens_to_ids(eot)
+    batch = D.collate(enc, [0, 1])
+    for row, (pair, side) in enumerate(
+        [
+            (pairs[0], "chosen"),
+            (pairs[1], "chosen"),
+            (pairs[0], "rejected"),
+            (pairs[1], "rejected"),
+        ]
+    ):
+        text = getattr(pair, side)
+        masked = batch.targets[row][batch.mask[row]]
+        assert decode(tok, masked) == text + eot
+        assert (
+            batch.mask[row].sum() == len(tok.encode(text, add_special_tokens=False)) + 1
+        )
+        # each target is the token at its position + 1 in the sequence
+        pos = batch.positions[row][batch.mask[row]]
+        assert np.array_equal(batch.tokens[row][pos + 1], masked)
+        prompt_part = decode(tok, batch.tokens[row][: pos[0] + 1])
+        if chat:
+            assert prompt_part.endswith("<|im_start|>assistant\n")
+            assert prompt_part.count("<|im_start|>assistant") == 1
+            assert (pair.system is None) == ("system" not in prompt_part)
+        else:
+            assert prompt_part.endswith(pair.prompt)
+    # nothing is scored after the response: no generation prompt, no padding
+    assert batch.mask.sum() == sum(len(r) for r in enc.chosen + enc.rejected)
+
+
+def test_truncation_policy_and_counts(chat_tok):
+    prompt, chosen, rejected = list(range(100, 160)), list(range(40)), list(range(30))
+    p, c, r = D.truncate(prompt, chosen, rejected, 64)
+    assert p == prompt[-32:]  # keeps its end: max(64 - 40, 64 // 2) tokens
+    assert c == chosen[:32] and r == rejected[:32]  # keep their start
+    p, c, r = D.truncate(prompt[:10], chosen, rejected, 64)
+    assert (p, c, r) == (prompt[:10], chosen, rejected)
+    # a prompt within half the window stays whole; the responses give way
+    p, c, r = D.truncate(prompt[:30], chosen, rejected, 64)
+    assert p == prompt[:30] and c == chosen[:34] and r == rejected
+
+    pairs = [D.Pair("x" * 80, "a" * 50, "b" * 50, None, "x:1"), D.Pair("q", "a", "b")]
+    enc = D.encode_pairs(pairs, chat_tok, max_length=64)
+    assert enc.report["prompt truncated"] == 1
+    assert enc.report["responses truncated"] == 1
+    assert all(enc.length(i) <= 64 for i in range(len(enc)))
+    same = [D.Pair("x" * 80, "a" * 50 + "1", "a" * 50 + "2", None, "x:1")]
+    with pytest.raises(D.DataError, match="no pairs left"):
+        D.encode_pairs(same, chat_tok, max_length=64)
+
+
+def test_chat_prompt_needs_template(plain_tok):
+    pair = D.Pair(({"role": "user", "content": "hi"},), "a", "b", None, "f:3")
+    with pytest.raises(D.DataError, match="f:3: chat-message prompts need"):
+        D.encode_pairs([pair], plain_tok, 64)
+
+
+# ----------------------------------------------------------------- batching
+
+
+def test_bucket_sizes_are_few_and_tight():
+    sizes = {D.bucket(n) for n in range(1, 2049)}
+    assert len(sizes) <= 4 * 8 + 1
+    for n in range(1, 2049):
+        assert n <= D.bucket(n) <= max(n + 15, 1.25 * n)
+
+
+def test_sampler_covers_every_pair_once_per_epoch_and_resumes(chat_tok):
+    pairs = [
+        D.Pair(f"q{i}" * (i % 5 + 1), "yes" * (i % 3 + 1), "no") for i in range(23)
+    ]
+    enc = D.encode_pairs(pairs, chat_tok, 256)
+    sampler = D.BatchSampler(enc, batch_size=4, seed=3)
+    assert len(sampler) == 6  # 5 full batches and one of 3
+    stream = iter(sampler)
+    seen = [next(stream) for _ in range(len(sampler))]
+    prompts = sorted(b.tokens[i, :4].tobytes() for b in seen for i in range(b.pairs))
+    expected = sorted(
+        np.pad(p, (0, max(0, 4 - len(p))))[:4].tobytes() for p in enc.prompts
+    )
+    assert prompts == expected and sum(b.pairs for b in seen) == 23
+    assert sampler.state == D.SamplerState(1, 0) or sampler.state.position == 6
+    # a new sampler restored to the same state yields the same next batches
+    nxt = [next(stream).tokens for _ in range(3)]
+    other = D.BatchSampler(enc, batch_size=4, seed=3)
+    other.state = D.SamplerState(1, 0)
+    again = iter(other)
+    assert all(np.array_equal(a, next(again).tokens) for a in nxt)
+    # epochs are shuffled differently, but deterministically from the seed
+    assert list(sampler._order(0)) != list(sampler._order(1))
+    assert list(sampler._order(1)) == list(D.BatchSampler(enc, 4, seed=3)._order(1))
+
+
+def test_batch_rows_are_chosen_then_rejected(chat_tok):
+    pairs = [D.Pair("q", "good", "bad"), D.Pair("r", "fine", "poor")]
+    batch = D.collate(D.encode_pairs(pairs, chat_tok, 64), [0, 1])
+    texts = [decode(chat_tok, batch.targets[i][batch.mask[i]]) for i in range(4)]
+    assert texts == [
+        "good<|im_end|>",
+        "fine<|im_end|>",
+        "bad<|im_end|>",
+        "poor<|im_end|>",
+    ]
+    assert batch.tokens.shape[1] == D.bucket(batch.tokens.shape[1])

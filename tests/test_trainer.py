@@ -1,0 +1,385 @@
+"""The training engine on tiny random mlx-lm models (no network)."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.utils import load as mlx_load
+from mlx_lm.utils import quantize_model
+
+from rsa_mlx import adapters, config, data, trainer
+from rsa_mlx.losses import LOSSES
+from rsa_mlx.model import ResponseLogits, load
+from rsa_mlx.risk import MEASURES
+from rsa_mlx.step import Objective, make_step
+from tests.tiny import pku_rows, write_jsonl, write_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    write_model(root / "model", chat=True, tied=True)
+    write_model(root / "untied", chat=True, tied=False, seed=1)
+    write_jsonl(root / "data" / "train.jsonl", pku_rows(16))
+    write_jsonl(root / "data" / "valid.jsonl", pku_rows(4, seed=1))
+    return root
+
+
+def batches(model_dir, n_pairs=4, count=3, seed=0):
+    _, tok = mlx_load(str(model_dir))
+    pairs, _ = data.load_pairs(model_dir.parent / "data", "reward")
+    enc = data.encode_pairs(pairs, tok, 128)
+    sampler = data.BatchSampler(enc, n_pairs, seed)
+    stream = iter(sampler)
+    return [next(stream).arrays() for _ in range(count)]
+
+
+def setup(model_dir, lora=None, seed=0):
+    model, _ = mlx_load(str(model_dir))
+    mx.random.seed(seed)
+    layers = adapters.add_adapter(model, lora or adapters.LoRAConfig(num_layers=-1))
+    optimizer = optim.AdamW(learning_rate=1e-2)
+    optimizer.init(model.trainable_parameters())
+    return model, layers, optimizer
+
+
+def trainable(model):
+    return {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("measure", MEASURES)
+def test_parameters_move_after_one_step(tiny, loss, measure):
+    model, layers, optimizer = setup(tiny / "model")
+    step = make_step(model, optimizer, layers, Objective(loss, measure))
+    before = trainable(model)
+    for batch in batches(tiny / "model", count=2):
+        metrics, _ = step(batch, None, True)
+        mx.eval(model.parameters(), optimizer.state, metrics)
+    after = trainable(model)
+    assert np.isfinite(metrics["loss"].item())
+    # lora_b starts at 0 (policy = reference), so it moves first; lora_a follows
+    for name in before:
+        assert not np.array_equal(before[name], after[name]), f"{name} did not move"
+
+
+@pytest.mark.parametrize(
+    ("loss", "measure"), [("variant2", "cvar"), ("variant1", "erm")]
+)
+def test_compiled_and_eager_steps_agree(tiny, loss, measure):
+    runs = []
+    for compiled in (True, False):
+        model, layers, optimizer = setup(tiny / "model", seed=3)
+        step = make_step(
+            model,
+            optimizer,
+            layers,
+            Objective(loss, measure),
+            grad_accumulation_steps=2,
+            compile=compiled,
+        )
+        losses, grad = [], None
+        for i, batch in enumerate(batches(tiny / "model", count=6)):
+            metrics, grad = step(batch, grad, i % 2 == 1)
+            mx.eval(model.parameters(), optimizer.state, metrics, grad)
+            losses.append(metrics["loss"].item())
+        runs.append((losses, trainable(model)))
+    assert np.allclose(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-7)
+    assert len(set(runs[0][0])) > 2  # the loss does change over the steps
+    for name, value in runs[0][1].items():
+        assert np.allclose(value, runs[1][1][name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_name", ["model", "untied"])
+def test_adapter_off_reference_equals_frozen_base(tiny, model_name):
+    model, layers, optimizer = setup(tiny / model_name)
+    step = make_step(model, optimizer, layers, Objective("variant2", "cvar"))
+    for batch in batches(tiny / model_name, count=2):
+        mx.eval(step(batch, None, True), model.parameters())
+    base, _ = mlx_load(str(tiny / model_name))  # a frozen copy of the weights
+    tokens, positions = batch[0], batch[1]
+    forward = ResponseLogits(model)
+    assert forward.split  # only response positions become logits
+    with adapters.disabled(layers):
+        reference = np.array(forward(tokens, positions))
+    frozen = np.array(ResponseLogits(base)(tokens, positions))
+    policy = np.array(forward(tokens, positions))
+    assert np.array_equal(reference, frozen)
+    assert not np.allclose(policy, frozen)  # the adapter did learn something
+    # and the response-only logits equal the full forward at those positions
+    full = np.array(base(tokens))
+    gathered = np.take_along_axis(full, np.array(positions)[..., None], axis=1)
+    assert np.allclose(frozen, gathered, atol=1e-5)
+
+
+def test_stage2_reference_equals_stage1_policy(tiny):
+    model, layers, optimizer = setup(tiny / "model")
+    step = make_step(model, optimizer, layers, Objective("variant2", "cvar"))
+    for batch in batches(tiny / "model", count=2):
+        mx.eval(step(batch, None, True), model.parameters())
+    tokens, positions = batch[0], batch[1]
+    forward = ResponseLogits(model)
+    stage1 = np.array(forward(tokens, positions))
+    for layer in layers:
+        layer.freeze()
+    stage2 = adapters.add_adapter(model, adapters.LoRAConfig(num_layers=-1))
+    with adapters.disabled(stage2):
+        reference = np.array(forward(tokens, positions))
+    assert np.array_equal(reference, stage1)  # bit for bit
+    # stage 2 trains its own adapter only; stage 1 stays as it was
+    frozen = {
+        k: np.array(v)
+        for k, v in tree_flatten(model.parameters())
+        if "linear.lora" in k
+    }
+    optimizer = optim.AdamW(learning_rate=1e-2)
+    step = make_step(
+        model, optimizer, stage2, Objective("variant2", "cvar", beta=0.025)
+    )
+    mx.eval(step(batch, None, True), model.parameters())
+    with adapters.disabled(stage2):
+        assert np.array_equal(np.array(forward(tokens, positions)), stage1)
+    after = {
+        k: np.array(v)
+        for k, v in tree_flatten(model.parameters())
+        if "linear.lora" in k
+    }
+    assert frozen.keys() == after.keys() and len(frozen) > 0
+    assert all(np.array_equal(frozen[k], after[k]) for k in frozen)
+
+
+def test_qlora_on_a_quantized_model(tiny):
+    model, _ = mlx_load(str(tiny / "model"))
+    model, _ = quantize_model(model, {}, group_size=32, bits=4)
+    base = [
+        np.array(m.scales) for _, m in model.named_modules() if hasattr(m, "scales")
+    ]
+    assert base  # quantized layers exist
+    mx.random.seed(0)
+    layers = adapters.add_adapter(model, adapters.LoRAConfig(num_layers=-1))
+    optimizer = optim.AdamW(learning_rate=1e-2)
+    step = make_step(model, optimizer, layers, Objective("variant2", "erm"))
+    before = trainable(model)
+    for batch in batches(tiny / "model", count=2):
+        mx.eval(step(batch, None, True), model.parameters())
+    assert any(not np.array_equal(before[k], v) for k, v in trainable(model).items())
+    tokens, positions = batch[0], batch[1]
+    quantized, _ = mlx_load(str(tiny / "model"))
+    quantized, _ = quantize_model(quantized, {}, group_size=32, bits=4)
+    with adapters.disabled(layers):
+        ref = np.array(ResponseLogits(model)(tokens, positions))
+    assert np.array_equal(ref, np.array(ResponseLogits(quantized)(tokens, positions)))
+
+
+def test_head_fallback_for_models_with_extra_output_processing(tiny):
+    model, _ = mlx_load(str(tiny / "model"))
+    plain = ResponseLogits(model)
+    original = type(model).__call__
+
+    class Capped(type(model)):
+        def __call__(self, inputs, cache=None, input_embeddings=None):
+            return mx.tanh(original(self, inputs, cache, input_embeddings) / 5) * 5
+
+    model.__class__ = Capped
+    capped = ResponseLogits(model)
+    assert plain.split and not capped.split
+    tokens = mx.array([[1, 2, 3, 4, 5]])
+    positions = mx.array([[1, 3]])
+    want = np.take_along_axis(np.array(model(tokens)), np.array([[[1], [3]]]), axis=1)
+    assert np.allclose(np.array(capped(tokens, positions)), want)
+
+
+# ----------------------------------------------------------------- the loop
+
+
+def cfg_for(tiny, run_dir, **overrides):
+    settings = {
+        "model": str(tiny / "model"),
+        "data": str(tiny / "data"),
+        "iters": 6,
+        "batch_size": 4,
+        "adapter_path": str(run_dir),
+        "steps_per_report": 1,
+        "steps_per_eval": 3,
+        "save_every": 2,
+        "learning_rate": 1e-3,
+        "num_layers": -1,
+        "seed": 1,
+    }
+    settings.update(overrides)
+    return config.resolve(settings)
+
+
+def losses_of(run_dir):
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if entry["kind"] == "train":
+            out.append((entry["stage"], entry["iteration"], entry["loss"]))
+    return out
+
+
+class Interrupt(trainer.Reporter):
+    """A reporter that stops the run, like Ctrl-C, after a given iteration."""
+
+    def __init__(self, run_dir, stage, at):
+        super().__init__(run_dir)
+        self.stop = (stage, at)
+
+    def tick(self, stage, it, iters, seconds):
+        if (stage, it) == self.stop:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(("stage", "at"), [("reward", 5), ("safety", 3)])
+def test_interrupted_and_resumed_run_reproduces_losses(tiny, tmp_path, stage, at):
+    full = tmp_path / "full"
+    trainer.train(cfg_for(tiny, full, grad_accumulation_steps=2, save_every=2))
+    cut = tmp_path / "cut"
+    cfg = cfg_for(tiny, cut, grad_accumulation_steps=2, save_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(cfg, reporter=Interrupt(cut, stage, at))
+    resumed = config.resolve(
+        {"adapter_path": str(cut), "resume": True}, cut / "config.yaml"
+    )
+    trainer.train(resumed)
+    want = losses_of(full)
+    got = {(s, i): loss for s, i, loss in losses_of(cut)}  # later entries win
+    assert [(s, i) for s, i, _ in want] == sorted(
+        got, key=lambda k: (k[0] != "reward", k[1])
+    )
+    assert all(got[s, i] == loss for s, i, loss in want), (want, got)
+    # the adapters written at the end are identical too
+    for name in ("reward", "safety", "final"):
+        a = mx.load(str(full / name / "adapters.safetensors"))
+        b = mx.load(str(cut / name / "adapters.safetensors"))
+        assert all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
+
+
+def test_run_folder_and_loading(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    run = trainer.train(cfg_for(tiny, run_dir, merge=0.5))
+    for name in ("config.yaml", "run.json", "metrics.jsonl"):
+        assert (run_dir / name).exists()
+    for name in ("reward", "safety", "final"):
+        assert (run_dir / name / "adapters.safetensors").exists()
+        assert (run_dir / name / "adapter_config.json").exists()
+    assert [s["name"] for s in run["stages"]] == ["reward", "safety"]
+    assert run["stages"][1]["beta"] == pytest.approx(0.1 / 4)
+    safety = json.loads((run_dir / "safety" / "adapter_config.json").read_text())
+    assert safety["rsa_mlx"]["base_adapter"] == "../reward"
+    # mlx-lm opens stage 1 and the folded final adapter directly
+    tokens = mx.array([[1, 2, 3, 50, 60, 70]])
+    via_mlx_lm, _ = mlx_load(str(tiny / "model"), adapter_path=str(run_dir / "final"))
+    via_rsa, _ = load(adapter_path=str(run_dir))  # both stages, merge 0.5
+    assert np.allclose(
+        np.array(via_mlx_lm(tokens)), np.array(via_rsa(tokens)), atol=1e-4
+    )
+    stage1, _ = mlx_load(str(tiny / "model"), adapter_path=str(run_dir / "reward"))
+    merged0, _ = load(adapter_path=str(run_dir), merge=0.0)
+    assert np.array_equal(np.array(stage1(tokens)), np.array(merged0(tokens)))
+    full, _ = load(adapter_path=str(run_dir), merge=1.0)
+    half = np.array(via_rsa(tokens))
+    assert not np.allclose(half, np.array(full(tokens)))
+    # validation ran and training metrics were recorded for every iteration
+    entries = [
+        json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert {e["kind"] for e in entries} == {"train", "val"}
+    assert sum(e["kind"] == "train" for e in entries) == 12
+
+
+def test_existing_run_needs_resume(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    trainer.train(cfg_for(tiny, run_dir, iters=2, stages="reward"))
+    with pytest.raises(trainer.TrainingError, match="pass --resume"):
+        trainer.train(cfg_for(tiny, run_dir, iters=2, stages="reward"))
+    with pytest.raises(trainer.TrainingError, match="nothing to resume"):
+        trainer.train(cfg_for(tiny, tmp_path / "none", resume=True))
+
+
+def test_checkpoint_from_other_settings_is_refused(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(
+            cfg_for(tiny, run_dir, stages="reward"),
+            reporter=Interrupt(run_dir, "reward", 3),
+        )
+    (run_dir / "run.json").write_text(json.dumps({"stages": []}))
+    with pytest.raises(trainer.TrainingError, match="other settings"):
+        trainer.train(cfg_for(tiny, run_dir, stages="reward", resume=True, beta=0.5))
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+    real = trainer.make_step
+
+    def poisoned(*args, **kwargs):
+        step, calls = real(*args, **kwargs), [0]
+
+        def wrapped(batch, grad, do_update):
+            metrics, grad = step(batch, grad, do_update)
+            calls[0] += 1
+            if calls[0] >= 5:
+                metrics = {**metrics, "loss": metrics["loss"] * mx.nan}
+            return metrics, grad
+
+        return wrapped
+
+    monkeypatch.setattr(trainer, "make_step", poisoned)
+    run_dir = tmp_path / "run"
+    with pytest.raises(trainer.TrainingError) as err:
+        trainer.train(cfg_for(tiny, run_dir, stages="reward", save_every=2))
+    message = str(err.value)
+    assert "NaN or infinite at iteration 5" in message
+    assert "step_0000004" in message
+    kept = mx.load(
+        str(
+            run_dir / "reward" / "checkpoints" / "step_0000004" / "adapters.safetensors"
+        )
+    )
+    assert kept and all(np.isfinite(np.array(v)).all() for v in kept.values())
+    assert not (run_dir / "reward" / "checkpoints" / "step_0000006").exists()
+
+
+# ------------------------------------------------------------------- config
+
+
+def test_precedence_cli_over_yaml_over_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("beta: 0.3\nrisk: erm\nlora_parameters: {rank: 4}\nbatch_size: 2\n")
+    cfg = config.resolve({"beta": 0.2, "lora_parameters": {"scale": 5.0}}, path)
+    assert cfg.beta == 0.2 and cfg.risk == "erm" and cfg.batch_size == 2
+    assert cfg.lora_parameters == {"rank": 4, "scale": 5.0, "dropout": 0.0}
+    assert cfg.learning_rate == config.TrainConfig().learning_rate
+    assert cfg.stage_beta("safety") == pytest.approx(0.2 / 4)
+    assert config.resolve({"safety_beta": 0.05}).stage_beta("safety") == 0.05
+    assert config.resolve({"stages": "both", "order": "safety-first"}).stage_names == [
+        "safety",
+        "reward",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("bta: 0.1\n", "unknown setting 'bta'"),
+        ("beta: fast\n", "beta: expected float, got 'fast'"),
+        ("risk: var\n", "risk: 'var' is not one of kl, cvar, erm, truncated"),
+        ("risk: cvar\nmu: 2\n", "mu: cvar needs 0 < mu <= 1"),
+        ("merge: 1.5\n", "merge: the merge ratio q must be in [0, 1]"),
+        ("lora_parameters: {alpha: 16}\n", "uses scale, not alpha"),
+        ("beta: [1\n", "c.yaml:2: malformed YAML"),
+        ("iters: 3\nepochs: 1\n", "give one of them"),
+    ],
+)
+def test_bad_config_values(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError) as err:
+        config.resolve({}, path)
+    assert message in str(err.value)
