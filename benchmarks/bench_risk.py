@@ -10,8 +10,9 @@ For each vocabulary size and measure it times, side by side in one run,
 
 both inside ``mx.compile`` as in training, and records the peak memory of
 each case (``mx.reset_peak_memory`` before each). ``work`` is the peak minus
-the memory the inputs already hold. Ratios are to ``kl`` in the same run, so
-they hold on a noisy shared machine where absolute times drift.
+the memory the inputs already hold. Cases are timed round-robin and ratios
+are to ``kl`` in the same run, so they hold on a noisy shared machine where
+absolute times drift.
 """
 
 from __future__ import annotations
@@ -49,17 +50,27 @@ def build(measure: str, backward: bool):
     return mx.compile(objective)
 
 
-def run_case(fn, inputs, repeats: int):
-    mx.eval(fn(*inputs))  # trace and warm up
-    mx.synchronize()
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
+def measure_cases(cases: dict, inputs, repeats: int) -> dict:
+    """Peak memory one case at a time, then times round-robin over cases.
+
+    Interleaving (every case once, then again, ...) means drift on a shared
+    machine affects all cases alike; each time is the median of ``repeats``.
+    """
+    memory = {}
+    for name, fn in cases.items():
+        mx.eval(fn(*inputs))  # trace and warm up
+        mx.synchronize()
+        mx.clear_cache()
+        mx.reset_peak_memory()
         mx.eval(fn(*inputs))
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times), mx.get_peak_memory()
+        memory[name] = mx.get_peak_memory()
+    times = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            tic = time.perf_counter()
+            mx.eval(fn(*inputs))
+            times[name].append(time.perf_counter() - tic)
+    return {name: (statistics.median(times[name]), memory[name]) for name in cases}
 
 
 def main():
@@ -77,12 +88,8 @@ def main():
     for vocab in args.vocab:
         inputs = make_inputs(args.batch, args.length, vocab)
         held = sum(x.nbytes for x in inputs)
-        rows = {}
-        for measure in args.measures:
-            for backward in (False, True):
-                mx.clear_cache()
-                t, peak = run_case(build(measure, backward), inputs, args.repeats)
-                rows[measure, backward] = (t, peak)
+        cases = {(m, b): build(m, b) for m in args.measures for b in (False, True)}
+        rows = measure_cases(cases, inputs, args.repeats)
         print(f"\nV={vocab}  (inputs hold {held / gb:.2f} GB)")
         print(
             f"{'measure':10s} {'pass':8s} {'time s':>8s} {'x kl':>6s} "

@@ -26,7 +26,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -187,12 +187,6 @@ def disabled(layers: list[nn.Module]) -> Iterator[None]:
     finally:
         for m, s in zip(layers, scales):
             m.scale = s
-
-
-def set_merge(layers: list[nn.Module], q: float, base_scale: float) -> None:
-    """P-SACPO merge ``W = W1 + q dW2``: scale stage-2 layers to ``q * scale``."""
-    for m in layers:
-        m.scale = q * base_scale
 
 
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
@@ -395,7 +389,3 @@ def _relative_key(model: nn.Module, path: str) -> str:
         if part == "layers" and parts[i + 1].isdigit():
             return ".".join(parts[i + 2 :])
     return path
-
-
-def describe(cfg: LoRAConfig) -> dict:
-    return asdict(cfg)

@@ -407,18 +407,23 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 @dataclass
 class Batch:
-    """``[chosen; rejected]`` rows for ``pairs`` preference pairs.
+    """``[chosen; rejected]`` sequences of ``pairs`` preference pairs, with
+    their response positions packed into flat arrays.
 
-    ``tokens[i]`` is prompt + response + padding. Position ``j`` of
-    ``positions[i]`` is where the hidden state that predicts response token
-    ``j`` sits (``offset - 1 + j``), ``targets[i, j]`` is that token and
-    ``mask[i, j]`` is true exactly on the response tokens.
+    ``tokens[s]`` is prompt + response + padding (``T`` wide). Entry ``i`` of
+    the flat arrays scores one response token: the hidden state that predicts
+    it sits at ``index[i]`` of ``tokens`` flattened (row ``s`` times ``T`` plus
+    position), the token is ``targets[i]``, the sequence is ``segments[i]``;
+    ``mask[i]`` is false only on the padding that rounds the count up to a
+    bucket. Prompt and padding positions are never in the flat arrays, so
+    vocabulary-sized work is spent on response tokens only.
     """
 
-    tokens: np.ndarray  # [2P, T] int32
-    positions: np.ndarray  # [2P, R] int32
-    targets: np.ndarray  # [2P, R] int32
-    mask: np.ndarray  # [2P, R] bool
+    tokens: np.ndarray  # [S, T] int32, S = 2 * pairs
+    index: np.ndarray  # [N] int32
+    targets: np.ndarray  # [N] int32
+    segments: np.ndarray  # [N] int32
+    mask: np.ndarray  # [N] bool
     pairs: int
     real_tokens: int = 0  # prompt + response tokens, padding excluded
 
@@ -429,31 +434,39 @@ class Batch:
     def arrays(self):
         import mlx.core as mx
 
-        return tuple(
-            mx.array(x) for x in (self.tokens, self.positions, self.targets, self.mask)
-        )
+        fields = (self.tokens, self.index, self.targets, self.segments, self.mask)
+        return tuple(mx.array(x) for x in fields)
 
 
 def collate(data: Encoded, indices: Sequence[int], pad_id: int = 0) -> Batch:
     """Pad pairs ``indices`` of ``data`` into one bucketed :class:`Batch`."""
     prompts = [data.prompts[i] for i in indices] * 2
     responses = [data.chosen[i] for i in indices] + [data.rejected[i] for i in indices]
-    rows = len(prompts)
-    total = bucket(max(len(p) + len(r) for p, r in zip(prompts, responses)))
-    width = bucket(max(len(r) for r in responses))
-    tokens = np.full((rows, total), pad_id, np.int32)
-    positions = np.zeros((rows, width), np.int32)
-    targets = np.zeros((rows, width), np.int32)
-    mask = np.zeros((rows, width), bool)
-    steps = np.arange(width)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        tokens[i, : len(p)] = p
-        tokens[i, len(p) : len(p) + len(r)] = r
-        positions[i] = np.minimum(len(p) - 1 + steps, total - 1)
-        targets[i, : len(r)] = r
-        mask[i] = steps < len(r)
+    width = bucket(max(len(p) + len(r) for p, r in zip(prompts, responses)))
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    index, targets, segments = [], [], []
+    for s, (p, r) in enumerate(zip(prompts, responses)):
+        tokens[s, : len(p)] = p
+        tokens[s, len(p) : len(p) + len(r)] = r
+        index.append(s * width + len(p) - 1 + np.arange(len(r)))
+        targets.append(r)
+        segments.append(np.full(len(r), s))
+    count = sum(len(r) for r in responses)
+    size = bucket(count)
+    mask = np.arange(size) < count
+    index = np.concatenate([*index, np.zeros(size - count, np.int64)])
+    targets = np.concatenate([*targets, np.zeros(size - count, np.int32)])
+    segments = np.concatenate([*segments, np.zeros(size - count, np.int64)])
     real = sum(len(p) + len(r) for p, r in zip(prompts, responses))
-    return Batch(tokens, positions, targets, mask, len(indices), real)
+    return Batch(
+        tokens,
+        index.astype(np.int32),
+        targets.astype(np.int32),
+        segments.astype(np.int32),
+        mask,
+        len(indices),
+        real,
+    )
 
 
 @dataclass

@@ -38,8 +38,10 @@ def _head(model: nn.Module):
 
 
 class ResponseLogits:
-    """``logits[b, j] = head(trunk(tokens)[b, positions[b, j]])``.
+    """``logits[i] = head(trunk(tokens).reshape(S * T, d)[index[i]])``.
 
+    ``index`` holds flat positions (row times ``T`` plus column) of the
+    hidden states to score: only those become vocabulary-sized logits.
     ``split`` is decided once by comparing against ``model(tokens)`` on a
     short input; when the split does not reproduce the model's logits, full
     logits are computed and gathered instead (correct, slower).
@@ -59,13 +61,13 @@ class ResponseLogits:
         gap = mx.abs(full - mine).max().item()
         return gap <= 1e-4 * (1.0 + mx.abs(full).max().item())
 
-    def __call__(self, tokens: mx.array, positions: mx.array) -> mx.array:
+    def __call__(self, tokens: mx.array, index: mx.array) -> mx.array:
         if self.split:
             hidden = self.model.model(tokens)
-            picked = mx.take_along_axis(hidden, positions[..., None], axis=1)
-            return self.head(picked)
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            return self.head(mx.take(hidden, index, axis=0))
         logits = self.model(tokens)
-        return mx.take_along_axis(logits, positions[..., None], axis=1)
+        return mx.take(logits.reshape(-1, logits.shape[-1]), index, axis=0)
 
 
 def read_run(run_dir: Path) -> dict:

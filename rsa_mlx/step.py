@@ -21,7 +21,7 @@ from mlx.utils import tree_map
 from rsa_mlx.adapters import disabled
 from rsa_mlx.losses import preference_loss, split_pairs
 from rsa_mlx.model import ResponseLogits
-from rsa_mlx.risk import sequence_stats
+from rsa_mlx.risk import segment_stats
 
 
 @dataclass(frozen=True)
@@ -36,16 +36,20 @@ class Objective:
     length_normalize: bool = False
 
 
-def pair_loss(logits, ref_logits, targets, mask, objective: Objective):
-    """Mean preference loss and metrics of a ``[chosen; rejected]`` batch."""
-    stats = sequence_stats(
+def pair_loss(logits, ref_logits, targets, segments, mask, num_sequences, objective):
+    """Mean preference loss and metrics of a ``[chosen; rejected]`` batch
+    whose scored positions are packed (see :class:`rsa_mlx.data.Batch`)."""
+    stats = segment_stats(
         logits,
         ref_logits,
         targets,
+        segments,
         mask,
+        num_sequences,
         objective.risk,
         objective.mu,
         objective.length_normalize,
+        risk_grad=objective.loss != "dpo",  # DPO only monitors the risk
     )
     chosen, rejected = split_pairs(stats)
     return preference_loss(
@@ -65,7 +69,8 @@ def make_step(
 ):
     """Build ``step(batch, prev_grad, do_update) -> (metrics, grad)``.
 
-    ``batch`` is ``(tokens, positions, targets, mask)`` as mx arrays;
+    ``batch`` is :meth:`rsa_mlx.data.Batch.arrays`: ``(tokens, index,
+    targets, segments, mask)``;
     ``layers`` are the trainable adapter layers (switched off for the
     reference). Call it after the adapters exist: the compiled function
     captures ``model.state`` as it is then.
@@ -74,19 +79,19 @@ def make_step(
         raise ValueError("grad_accumulation_steps must be at least 1")
     forward = forward or ResponseLogits(model)
 
-    def loss_fn(model, tokens, positions, targets, mask, ref_logits):
-        logits = forward(tokens, positions)
-        return pair_loss(logits, ref_logits, targets, mask, objective)
+    def loss_fn(model, tokens, index, targets, segments, mask, ref_logits):
+        logits = forward(tokens, index)
+        return pair_loss(
+            logits, ref_logits, targets, segments, mask, tokens.shape[0], objective
+        )
 
     value_and_grad = nn.value_and_grad(model, loss_fn)
 
     def step(batch, prev_grad, do_update):
-        tokens, positions, targets, mask = batch
+        tokens, index = batch[0], batch[1]
         with disabled(layers):
-            ref_logits = mx.stop_gradient(forward(tokens, positions))
-        (_, metrics), grad = value_and_grad(
-            model, tokens, positions, targets, mask, ref_logits
-        )
+            ref_logits = mx.stop_gradient(forward(tokens, index))
+        (_, metrics), grad = value_and_grad(model, *batch, ref_logits)
         if prev_grad is not None:
             grad = tree_map(lambda g, p: g + p, grad, prev_grad)
         if do_update:
@@ -109,10 +114,12 @@ def make_eval(layers: list[nn.Module], objective: Objective, forward: ResponseLo
     """``evaluate(batch) -> metrics`` without gradients (validation)."""
 
     def evaluate(batch):
-        tokens, positions, targets, mask = batch
+        tokens, index, targets, segments, mask = batch
         with disabled(layers):
-            ref_logits = forward(tokens, positions)
-        logits = forward(tokens, positions)
-        return pair_loss(logits, ref_logits, targets, mask, objective)[1]
+            ref_logits = forward(tokens, index)
+        logits = forward(tokens, index)
+        return pair_loss(
+            logits, ref_logits, targets, segments, mask, tokens.shape[0], objective
+        )[1]
 
     return evaluate

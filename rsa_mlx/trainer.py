@@ -394,7 +394,7 @@ def train_stage(
         batch = next(batches)
         mx.random.seed(iteration_seed(progress.seed, it))
         do_update = it % accum == 0
-        shapes.add(batch.tokens.shape + batch.positions.shape)
+        shapes.add(batch.tokens.shape + batch.index.shape)
         metrics, grad = step(batch.arrays(), grad, do_update)
         loss = metrics["loss"]
         first_bad = mx.where((first_bad < 0) & ~mx.isfinite(loss), it, first_bad)

@@ -182,6 +182,7 @@ def test_mask_covers_exactly_response_and_end_of_turn(chat, chat_tok, plain_tok)
     eot = "<|im_end|>" if chat else "<|endoftext|>"
     assert D.end_of_turn_id(tok) == tok._tokenizer.convert_tokens_to_ids(eot)
     batch = D.collate(enc, [0, 1])
+    width = batch.tokens.shape[1]
     for row, (pair, side) in enumerate(
         [
             (pairs[0], "chosen"),
@@ -191,13 +192,14 @@ def test_mask_covers_exactly_response_and_end_of_turn(chat, chat_tok, plain_tok)
         ]
     ):
         text = getattr(pair, side)
-        masked = batch.targets[row][batch.mask[row]]
+        mine = batch.mask & (batch.segments == row)
+        masked = batch.targets[mine]
         assert decode(tok, masked) == text + eot
-        assert (
-            batch.mask[row].sum() == len(tok.encode(text, add_special_tokens=False)) + 1
-        )
-        # each target is the token at its position + 1 in the sequence
-        pos = batch.positions[row][batch.mask[row]]
+        assert mine.sum() == len(tok.encode(text, add_special_tokens=False)) + 1
+        # each target is the token right after its hidden state's position
+        flat = batch.index[mine]
+        assert np.all(flat // width == row)
+        pos = flat % width
         assert np.array_equal(batch.tokens[row][pos + 1], masked)
         prompt_part = decode(tok, batch.tokens[row][: pos[0] + 1])
         if chat:
@@ -208,6 +210,7 @@ def test_mask_covers_exactly_response_and_end_of_turn(chat, chat_tok, plain_tok)
             assert prompt_part.endswith(pair.prompt)
     # nothing is scored after the response: no generation prompt, no padding
     assert batch.mask.sum() == sum(len(r) for r in enc.chosen + enc.rejected)
+    assert len(batch.mask) == D.bucket(int(batch.mask.sum()))  # packed, bucketed
 
 
 def test_truncation_policy_and_counts(chat_tok):
@@ -276,7 +279,10 @@ def test_sampler_covers_every_pair_once_per_epoch_and_resumes(chat_tok):
 def test_batch_rows_are_chosen_then_rejected(chat_tok):
     pairs = [D.Pair("q", "good", "bad"), D.Pair("r", "fine", "poor")]
     batch = D.collate(D.encode_pairs(pairs, chat_tok, 64), [0, 1])
-    texts = [decode(chat_tok, batch.targets[i][batch.mask[i]]) for i in range(4)]
+    texts = [
+        decode(chat_tok, batch.targets[batch.mask & (batch.segments == i)])
+        for i in range(4)
+    ]
     assert texts == [
         "good<|im_end|>",
         "fine<|im_end|>",

@@ -473,3 +473,22 @@ def test_erm_smooth_in_float32_as_mu_vanishes():
     half_var = 0.5 * float(np.sum(p * (z - np.sum(p * z)) ** 2))
     assert math.isclose(gaps[0], 1e-3 * half_var, rel_tol=0.05)
     assert math.isclose(gaps[1], 1e-4 * half_var, rel_tol=0.2)
+
+
+@pytest.mark.parametrize("measure", R.MEASURES)
+def test_monitoring_only_risk_has_no_gradient_and_same_logratio_gradient(measure):
+    policy, ref_logits, targets = make_logits("random", 5, 300, seed=13)
+    a, b, y = mx.array(policy), mx.array(ref_logits), mx.array(targets)
+
+    def f(a, risk_grad):
+        s = R.token_stats(a, b, y, measure, risk_grad=risk_grad)
+        return s.logratio.sum() + 0.0 * s.risk.sum(), s
+
+    (_, s1), g1 = mx.value_and_grad(f)(a, True)
+    (_, s2), g2 = mx.value_and_grad(f)(a, False)
+    assert np.allclose(np.array(g1), np.array(g2), atol=1e-7)
+    assert np.array_equal(np.array(s1.risk), np.array(s2.risk))
+    g_risk = mx.grad(
+        lambda a: R.token_stats(a, b, y, measure, risk_grad=False).risk.sum()
+    )(a)
+    assert np.all(np.array(g_risk) == 0)

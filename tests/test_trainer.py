@@ -102,18 +102,18 @@ def test_adapter_off_reference_equals_frozen_base(tiny, model_name):
     for batch in batches(tiny / model_name, count=2):
         mx.eval(step(batch, None, True), model.parameters())
     base, _ = mlx_load(str(tiny / model_name))  # a frozen copy of the weights
-    tokens, positions = batch[0], batch[1]
+    tokens, index = batch[0], batch[1]
     forward = ResponseLogits(model)
     assert forward.split  # only response positions become logits
     with adapters.disabled(layers):
-        reference = np.array(forward(tokens, positions))
-    frozen = np.array(ResponseLogits(base)(tokens, positions))
-    policy = np.array(forward(tokens, positions))
+        reference = np.array(forward(tokens, index))
+    frozen = np.array(ResponseLogits(base)(tokens, index))
+    policy = np.array(forward(tokens, index))
     assert np.array_equal(reference, frozen)
     assert not np.allclose(policy, frozen)  # the adapter did learn something
     # and the response-only logits equal the full forward at those positions
     full = np.array(base(tokens))
-    gathered = np.take_along_axis(full, np.array(positions)[..., None], axis=1)
+    gathered = full.reshape(-1, full.shape[-1])[np.array(index)]
     assert np.allclose(frozen, gathered, atol=1e-5)
 
 
@@ -122,14 +122,14 @@ def test_stage2_reference_equals_stage1_policy(tiny):
     step = make_step(model, optimizer, layers, Objective("variant2", "cvar"))
     for batch in batches(tiny / "model", count=2):
         mx.eval(step(batch, None, True), model.parameters())
-    tokens, positions = batch[0], batch[1]
+    tokens, index = batch[0], batch[1]
     forward = ResponseLogits(model)
-    stage1 = np.array(forward(tokens, positions))
+    stage1 = np.array(forward(tokens, index))
     for layer in layers:
         layer.freeze()
     stage2 = adapters.add_adapter(model, adapters.LoRAConfig(num_layers=-1))
     with adapters.disabled(stage2):
-        reference = np.array(forward(tokens, positions))
+        reference = np.array(forward(tokens, index))
     assert np.array_equal(reference, stage1)  # bit for bit
     # stage 2 trains its own adapter only; stage 1 stays as it was
     frozen = {
@@ -143,7 +143,7 @@ def test_stage2_reference_equals_stage1_policy(tiny):
     )
     mx.eval(step(batch, None, True), model.parameters())
     with adapters.disabled(stage2):
-        assert np.array_equal(np.array(forward(tokens, positions)), stage1)
+        assert np.array_equal(np.array(forward(tokens, index)), stage1)
     after = {
         k: np.array(v)
         for k, v in tree_flatten(model.parameters())
@@ -168,12 +168,12 @@ def test_qlora_on_a_quantized_model(tiny):
     for batch in batches(tiny / "model", count=2):
         mx.eval(step(batch, None, True), model.parameters())
     assert any(not np.array_equal(before[k], v) for k, v in trainable(model).items())
-    tokens, positions = batch[0], batch[1]
+    tokens, index = batch[0], batch[1]
     quantized, _ = mlx_load(str(tiny / "model"))
     quantized, _ = quantize_model(quantized, {}, group_size=32, bits=4)
     with adapters.disabled(layers):
-        ref = np.array(ResponseLogits(model)(tokens, positions))
-    assert np.array_equal(ref, np.array(ResponseLogits(quantized)(tokens, positions)))
+        ref = np.array(ResponseLogits(model)(tokens, index))
+    assert np.array_equal(ref, np.array(ResponseLogits(quantized)(tokens, index)))
 
 
 def test_head_fallback_for_models_with_extra_output_processing(tiny):
@@ -188,10 +188,10 @@ def test_head_fallback_for_models_with_extra_output_processing(tiny):
     model.__class__ = Capped
     capped = ResponseLogits(model)
     assert plain.split and not capped.split
-    tokens = mx.array([[1, 2, 3, 4, 5]])
-    positions = mx.array([[1, 3]])
-    want = np.take_along_axis(np.array(model(tokens)), np.array([[[1], [3]]]), axis=1)
-    assert np.allclose(np.array(capped(tokens, positions)), want)
+    tokens = mx.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    index = mx.array([1, 3, 7])  # row 0 at 1 and 3, row 1 at 2
+    want = np.array(model(tokens)).reshape(10, -1)[[1, 3, 7]]
+    assert np.allclose(np.array(capped(tokens, index)), want)
 
 
 # ----------------------------------------------------------------- the loop
