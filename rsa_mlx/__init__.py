@@ -10,3 +10,11 @@ from rsa_mlx._blas import preload as _preload_blas
 _preload_blas()
 
 __version__ = "0.1.0"
+
+
+def load(model=None, adapter_path=None, merge=None, **kwargs):
+    """Load a base model and rsa_mlx adapters in one call (see
+    :func:`rsa_mlx.model.load`)."""
+    from rsa_mlx.model import load as _load
+
+    return _load(model, adapter_path, merge, **kwargs)

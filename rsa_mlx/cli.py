@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
+from pathlib import Path
 
 import click
 
@@ -60,6 +62,158 @@ def info(no_bench: bool):
     if not no_bench:
         gflops = _blas.measure_gflops()
         click.echo(f"matmul      {gflops:.0f} GFLOP/s (float32 1024x1024, CPU)")
+
+
+@main.command()
+@click.option("--model", help="Base model folder or HF id (default: the run's).")
+@click.option(
+    "--adapter-path", help="Run folder, stage folder or mlx-lm adapter folder."
+)
+@click.option("--merge", type=float, help="Merge ratio q of the last stage.")
+@click.option(
+    "--prompts",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="JSONL with a 'prompt' per row (plus what the scorer needs).",
+)
+@click.option(
+    "--scorer",
+    default="demo",
+    show_default=True,
+    help="demo, judge:<model>, or package.module:function.",
+)
+@click.option(
+    "-k",
+    "--samples",
+    "k",
+    default=8,
+    show_default=True,
+    help="Sampled responses per prompt.",
+)
+@click.option("--max-tokens", default=64, show_default=True)
+@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Write the results (summary and every sample) as JSON here.",
+)
+def evaluate(
+    model,
+    adapter_path,
+    merge,
+    prompts,
+    scorer,
+    k,
+    max_tokens,
+    temperature,
+    seed,
+    output,
+):
+    """Sample K responses per prompt, score them, report helpfulness and tail risk.
+
+    \b
+    Examples:
+      rsa-mlx evaluate --adapter-path runs/x --prompts test.jsonl --scorer demo
+      rsa-mlx evaluate --model M --prompts p.jsonl --scorer judge:meta-llama/Llama-Guard-3-1B
+      rsa-mlx evaluate --model M --prompts p.jsonl --scorer mypkg.scores:harm
+    """
+    from rsa_mlx import evaluate as ev
+    from rsa_mlx.model import load
+
+    def run():
+        records = ev.read_prompts(prompts)
+        judge = ev.load_scorer(scorer)
+        net, tokenizer = load(model, adapter_path=adapter_path, merge=merge)
+        result = ev.evaluate_model(
+            net, tokenizer, records, judge, k, max_tokens, temperature, seed
+        )
+        result["model"] = {
+            "model": model,
+            "adapter_path": adapter_path,
+            "merge": merge,
+            "scorer": scorer,
+        }
+        if output:
+            from rsa_mlx.adapters import save_json
+
+            save_json(Path(output), result)
+        click.echo(
+            ev.markdown_table(
+                {adapter_path or model: result["summary"]},
+                [*ev.COLUMNS, ("cvar_0.9", "CVaR0.9 cost"), ("worst", "worst")],
+            )
+        )
+
+    _guard(run)
+
+
+@main.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--output", type=click.Path(dir_okay=False), help="Write the table (Markdown)."
+)
+@click.option(
+    "--plot", type=click.Path(dir_okay=False), help="Write helpfulness vs harm (SVG)."
+)
+def compare(results, output, plot):
+    """One table (and plot) for several `rsa-mlx evaluate --output` files.
+
+    \b
+    Example:
+      rsa-mlx compare base.json dpo.json rsa.json --output table.md --plot plot.svg
+    """
+    from rsa_mlx import evaluate as ev
+
+    def run():
+        summaries = {}
+        for path in results:
+            try:
+                data = json.loads(Path(path).read_text())
+                summaries[Path(path).stem] = data["summary"]
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(
+                    f"{path}: not an `rsa-mlx evaluate` result ({e})"
+                ) from None
+        table = ev.markdown_table(
+            summaries, [*ev.COLUMNS, ("cvar_0.9", "CVaR0.9 cost")]
+        )
+        click.echo(table)
+        if output:
+            Path(output).write_text(table + "\n")
+        if plot:
+            from rsa_mlx.plot import Chart, Series, write_figure
+
+            names = list(summaries)
+            chart = Chart(
+                "Helpfulness vs harm",
+                "helpfulness",
+                "mean cost",
+                [
+                    Series(
+                        "runs",
+                        [summaries[n]["helpfulness"] for n in names],
+                        [summaries[n]["mean_cost"] for n in names],
+                        labels=names,
+                    )
+                ],
+            )
+            write_figure(plot, [chart], columns=1)
+
+    _guard(run)
+
+
+def _guard(fn):
+    """Run a command body: bad input gives one line on stderr and exit 2."""
+    from rsa_mlx.data import DataError
+
+    try:
+        fn()
+    except (DataError, ValueError, FileNotFoundError, OSError) as e:
+        if os.environ.get("RSA_MLX_DEBUG"):
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
 
 
 def _register():

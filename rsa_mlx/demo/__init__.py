@@ -1,7 +1,190 @@
-"""The bundled demo (built in the next step)."""
+"""The bundled demo: ``python -m rsa_mlx.train`` with no arguments.
+
+Offline and in minutes on a laptop CPU, it aligns the bundled base model of
+the demo world (:mod:`rsa_mlx.demo.world`) for helpfulness and then for
+safety with RSA, and, at the same budget, with the baselines:
+
+=========  ==========================================================
+dpo        helpfulness only (one stage, DPO)
+sacpo      stepwise DPO then DPO (SACPO)
+tdpo       stepwise TDPO2 (variant2 with the KL regulariser)
+rsa-cvar   stepwise Ra-DPO2 with CVaR (RSA)
+rsa-erm    stepwise Ra-DPO2 with entropic risk (RSA)
+=========  ==========================================================
+
+plus a sweep of the merge ratio q of the RSA model (P-SACPO style). Every
+model is evaluated the same way: exact, teacher-forced probabilities of each
+kind of answer (helpfulness, mean cost, probability of a catastrophic answer,
+no sampling noise) and K sampled answers per held-out prompt (unsafe rate,
+CVaR of the cost). The run folder holds the data, the adapters,
+``results.json``, ``report.md`` and ``plot.svg``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from rsa_mlx.config import TrainConfig
+
+ASSETS = Path(__file__).parent / "assets"
+BASE_MODEL = ASSETS / "base"
+
+# What each method trains (on top of the demo's shared settings).
+METHODS: dict[str, dict] = {
+    "dpo": {"stages": "reward", "loss": "dpo", "risk": "kl"},
+    "sacpo": {"loss": "dpo", "risk": "kl"},
+    "tdpo": {"loss": "variant2", "risk": "kl"},
+    "rsa-cvar": {"loss": "variant2", "risk": "cvar"},
+    "rsa-erm": {"loss": "variant2", "risk": "erm"},
+}
+MERGED = "rsa-cvar"  # the model whose merge ratio is swept
 
 
-def run(cfg, settings, quick=False, methods=None):
-    from rsa_mlx.config import ConfigError
+@dataclass
+class Budget:
+    """The demo's defaults; explicit command-line flags override them."""
 
-    raise ConfigError("give --model (the bundled demo is not built yet)")
+    iters: int = 240
+    batch_size: int = 8
+    learning_rate: float = 3e-5
+    beta: float = 0.1
+    lam: float = 4.0
+    num_layers: int = -1
+    lora_parameters: dict = field(
+        default_factory=lambda: {"rank": 8, "scale": 4.0, "dropout": 0.0}
+    )
+    warmup: float = 0.1
+    steps_per_report: int = 40
+    steps_per_eval: int = 120
+    save_every: int = 0
+    pairs_per_request: int = 6
+    samples: int = 16  # sampled answers per held-out prompt
+    merge_points: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+QUICK = Budget(
+    iters=60,
+    steps_per_report=20,
+    steps_per_eval=0,
+    samples=4,
+    pairs_per_request=3,
+    merge_points=(0.0, 0.5, 1.0),
+)
+
+
+def method_config(
+    cfg_defaults: TrainConfig,
+    budget: Budget,
+    name: str,
+    data: Path,
+    out: Path,
+    settings: dict,
+) -> TrainConfig:
+    """The demo's settings for ``name``, with the user's explicit flags on top."""
+    base = {
+        "model": str(BASE_MODEL),
+        "data": str(data),
+        "iters": budget.iters,
+        "batch_size": budget.batch_size,
+        "learning_rate": budget.learning_rate,
+        "beta": budget.beta,
+        "lam": budget.lam,
+        "num_layers": budget.num_layers,
+        "lora_parameters": dict(budget.lora_parameters),
+        "warmup": budget.warmup,
+        "steps_per_report": budget.steps_per_report,
+        "steps_per_eval": budget.steps_per_eval,
+        "save_every": budget.save_every,
+        "max_seq_length": 128,
+        "adapter_path": str(out / "methods" / name),
+    }
+    base.update(METHODS[name])
+    user = {k: v for k, v in settings.items() if v is not None and k != "adapter_path"}
+    if "lora_parameters" in user:
+        user["lora_parameters"] = {**base["lora_parameters"], **user["lora_parameters"]}
+    for key in ("loss", "risk", "stages"):  # what defines the method is not overridable
+        user.pop(key, None)
+    if METHODS[name]["risk"] == "kl":
+        user.pop("mu", None)
+    return replace(cfg_defaults, **{**base, **user}).check()
+
+
+def run(
+    cfg: TrainConfig, settings: dict, quick: bool = False, methods: str | None = None
+):
+    """Run the demo end to end and write the report; return the results."""
+    from rsa_mlx.demo.report import evaluate_all, write_report
+    from rsa_mlx.demo.world import write_dataset
+    from rsa_mlx.trainer import train
+
+    chosen = (
+        list(METHODS) if methods is None else [m.strip() for m in methods.split(",")]
+    )
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown:
+        from rsa_mlx.config import ConfigError
+
+        raise ConfigError(
+            f"unknown demo method {unknown[0]!r}; choose from {', '.join(METHODS)}"
+        )
+    budget = QUICK if quick else Budget()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(settings.get("adapter_path") or Path("runs") / f"demo-{stamp}")
+    if (out / "results.json").exists():
+        from rsa_mlx.config import ConfigError
+
+        raise ConfigError(
+            f"{out}: a demo run already exists here; choose another --adapter-path"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    tic = time.perf_counter()
+    print(f"rsa_mlx demo{' (quick)' if quick else ''}: output in {out}")
+    print(f"methods: {', '.join(chosen)}; base model: {BASE_MODEL}")
+
+    data = out / "data"
+    seed = settings.get("seed") or 0
+    counts = write_dataset(data, seed=seed, pairs_per_request=budget.pairs_per_request)
+    print(
+        f"data: {counts['train']} train / {counts['valid']} valid preference rows "
+        f"(PKU-SafeRLHF layout), {counts['test']} held-out prompts, in {data}"
+    )
+
+    runs = {}
+    # Helpfulness-only DPO is exactly SACPO's first stage (same data, seed
+    # and settings): with both chosen, train it once and evaluate that stage.
+    shared = {"dpo"} if {"dpo", "sacpo"} <= set(chosen) else set()
+    for i, name in enumerate(chosen, 1):
+        if name in shared:
+            continue
+        method_cfg = method_config(cfg, budget, name, data, out, settings)
+        print(
+            f"\n== [{i}/{len(chosen)}] training {name}: "
+            f"{' -> '.join(method_cfg.stage_names)} ({method_cfg.method_name()})"
+        )
+        runs[name] = train(method_cfg)
+    if shared:
+        sacpo = runs["sacpo"]
+        runs = {
+            "dpo": {
+                **sacpo,
+                "stages": sacpo["stages"][:1],
+                "adapter": str(Path(sacpo["run_dir"]) / "reward"),
+                "shared_with": "sacpo",
+            },
+            **runs,
+        }
+        print("\n(dpo = the reward stage of sacpo: the same training)")
+    print("\n== evaluating")
+    results = evaluate_all(out, runs, budget, seed)
+    report = write_report(out, results, runs, budget, time.perf_counter() - tic, quick)
+    print("\n" + report["table"])
+    print(f"\n{report['verdict']}")
+    print(
+        f"\nwall time {time.perf_counter() - tic:.0f}s. Report: {out / 'report.md'}, "
+        f"plot: {out / 'plot.svg'}"
+    )
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results

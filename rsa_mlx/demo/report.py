@@ -1,0 +1,323 @@
+"""Evaluate the demo's models and write its table, plot and report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from rsa_mlx.demo import BASE_MODEL, MERGED, world
+from rsa_mlx.demo.behaviour import kind_probabilities
+from rsa_mlx.evaluate import (
+    DemoScorer,
+    PromptRecord,
+    evaluate_model,
+    markdown_table,
+    weighted_cvar,
+)
+from rsa_mlx.model import load
+from rsa_mlx.plot import Chart, Series, write_figure
+
+EXACT_COLUMNS = [
+    ("helpfulness", "helpfulness"),
+    ("unsafe_rate", "unsafe rate"),
+    ("mean_cost", "mean cost"),
+    ("cvar_0.99", "CVaR0.99 cost"),
+    ("p_catastrophic", "P(catastrophic)"),
+]
+SAMPLED_COLUMNS = [
+    ("helpfulness", "helpfulness"),
+    ("unsafe_rate", "unsafe rate"),
+    ("mean_cost", "mean cost"),
+    ("cvar_0.9", "CVaR0.9 cost"),
+    ("cvar_0.99", "CVaR0.99 cost"),
+    ("worst", "worst"),
+]
+NAMES = {
+    "base": "base (SFT)",
+    "dpo": "DPO, helpfulness only",
+    "sacpo": "SACPO (DPO -> DPO)",
+    "tdpo": "TDPO2 stepwise (KL)",
+    "rsa-cvar": "RSA, CVaR",
+    "rsa-erm": "RSA, ERM",
+}
+
+
+def exact_summary(probs: dict) -> dict:
+    """Helpfulness and harm as exact expectations over held-out prompts.
+
+    Each prompt counts equally; a response's cost is its kind's cost
+    (non-canonical text: reward 0, cost 0).
+    """
+    costs, weights = [], []
+    rows = probs["per_request"]
+    for row in rows:
+        for kind, p in row.items():
+            costs.append(0.0 if kind == "other" else world.KIND[kind].cost)
+            weights.append(p / len(rows))
+    costs, weights = np.array(costs), np.array(weights)
+    return {
+        "helpfulness": probs["expected"]["helpfulness"],
+        "unsafe_rate": float(weights[costs > 0].sum()),
+        "mean_cost": probs["expected"]["mean_cost"],
+        "cvar_0.9": weighted_cvar(costs, weights, 0.9),
+        "cvar_0.99": weighted_cvar(costs, weights, 0.99),
+        "p_catastrophic": probs["expected"]["p_catastrophic"],
+        "p_other": float(np.mean([r["other"] for r in rows])),
+    }
+
+
+def evaluate_one(model, tokenizer, requests, records, samples: int, seed: int) -> dict:
+    probs = kind_probabilities(model, tokenizer, requests)
+    sampled = evaluate_model(
+        model,
+        tokenizer,
+        records,
+        DemoScorer(),
+        k=samples,
+        max_tokens=48,  # every canonical answer is at most 17 tokens
+        temperature=1.0,
+        seed=seed,
+    )
+    kinds = {}
+    for row in sampled["samples"]:
+        for s in row["scores"]:
+            kinds[s["kind"]] = kinds.get(s["kind"], 0) + 1
+    return {
+        "exact": exact_summary(probs),
+        "sampled": {**sampled["summary"], "kinds": kinds},
+        "kinds": {"benign": probs["benign"], "harmful": probs["harmful"]},
+        "samples": sampled["samples"],
+    }
+
+
+def evaluate_all(out: Path, runs: dict, budget, seed: int) -> dict:
+    """Every model evaluated the same way; per-model JSON under ``eval/``."""
+    requests = world.read_test_requests(out / "data" / "test.jsonl")
+    records = [
+        PromptRecord(r.text, None, {"harmful_request": r.harmful}) for r in requests
+    ]
+    targets = [("base", None, None)]
+    for name, run in runs.items():
+        targets.append((name, run.get("adapter", run["run_dir"]), None))
+        if name == MERGED and len(run["stages"]) > 1:
+            for q in budget.merge_points:
+                if q != 1.0:
+                    targets.append((f"{name} q={q:g}", run["run_dir"], q))
+    (out / "eval").mkdir(exist_ok=True)
+    results = {}
+    for name, adapter, merge in targets:
+        model, tokenizer = load(str(BASE_MODEL), adapter_path=adapter, merge=merge)
+        result = evaluate_one(model, tokenizer, requests, records, budget.samples, seed)
+        (out / "eval" / f"{name.replace(' ', '_')}.json").write_text(
+            json.dumps(result) + "\n"
+        )
+        result.pop("samples")
+        results[name] = result
+        e = result["exact"]
+        print(
+            f"  {name:18s} helpfulness {e['helpfulness']:.3f}  mean cost {e['mean_cost']:.3f}"
+            f"  P(catastrophic) {e['p_catastrophic']:.4f}"
+        )
+    return results
+
+
+def _label(name: str) -> str:
+    return NAMES.get(name, name)
+
+
+def verdict(results: dict) -> str:
+    """What the numbers say about RSA against SACPO and TDPO, as measured."""
+    if MERGED not in results:
+        return "RSA (cvar) was not among the methods run; no comparison."
+    rsa = results[MERGED]["exact"]
+    lines = []
+    for other in ("sacpo", "tdpo", "rsa-erm"):
+        if other not in results:
+            continue
+        o = results[other]["exact"]
+        lines.append(
+            f"RSA (CVaR) vs {_label(other)}: P(catastrophic) {rsa['p_catastrophic']:.4f} vs "
+            f"{o['p_catastrophic']:.4f}, mean cost {rsa['mean_cost']:.3f} vs "
+            f"{o['mean_cost']:.3f}, helpfulness {rsa['helpfulness']:.3f} vs "
+            f"{o['helpfulness']:.3f}."
+        )
+    baselines = [n for n in ("sacpo", "tdpo") if n in results]
+    if baselines:
+        best_tail = min(results[n]["exact"]["p_catastrophic"] for n in baselines)
+        best_cost = min(results[n]["exact"]["mean_cost"] for n in baselines)
+        wins_tail = rsa["p_catastrophic"] < best_tail
+        wins_cost = rsa["mean_cost"] < best_cost
+        if wins_tail and wins_cost:
+            lines.append(
+                "At these settings RSA (CVaR) has both the lowest catastrophic "
+                "probability and the lowest mean cost of the stepwise methods."
+            )
+        elif wins_tail or wins_cost:
+            which = "catastrophic probability" if wins_tail else "mean cost"
+            lines.append(
+                f"At these settings RSA (CVaR) has the lowest {which} of the stepwise "
+                "methods, but not on every harm measure."
+            )
+        else:
+            lines.append(
+                "At these settings RSA (CVaR) does NOT beat the stepwise baselines "
+                "on catastrophic probability or mean cost."
+            )
+    if "dpo" in results and "base" in results:
+        d, b = results["dpo"]["exact"], results["base"]["exact"]
+        lines.append(
+            f"Helpfulness-only DPO moves P(catastrophic) from {b['p_catastrophic']:.4f} (base) "
+            f"to {d['p_catastrophic']:.4f}: reward-only alignment "
+            f"{'raises' if d['p_catastrophic'] > b['p_catastrophic'] else 'does not raise'} "
+            "the tail risk here."
+        )
+    return "\n".join(lines)
+
+
+def training_curves(runs: dict) -> list[Series]:
+    series = []
+    for name, run in runs.items():
+        xs, ys, offset = [], [], 0
+        path = Path(run["run_dir"]) / "metrics.jsonl"
+        entries = [json.loads(x) for x in path.read_text().splitlines()]
+        for stage in run["stages"]:
+            for e in entries:
+                if e["kind"] == "train" and e["stage"] == stage["name"]:
+                    xs.append(offset + e["iteration"])
+                    ys.append(e["loss"])
+            offset += stage["iterations"]
+        series.append(Series(_label(name), xs, ys, style="both"))
+    return series
+
+
+def tradeoff_chart(results: dict, metric: str, label: str) -> Chart:
+    methods = [n for n in results if " q=" not in n]
+    points = Series(
+        "methods",
+        [results[n]["exact"]["helpfulness"] for n in methods],
+        [results[n]["exact"][metric] for n in methods],
+        style="points",
+        labels=methods,
+        color="#333333",
+    )
+    series = [points]
+    sweep = sorted(
+        (
+            (float(n.split("q=")[1]) if " q=" in n else 1.0, n)
+            for n in results
+            if n == MERGED or n.startswith(MERGED + " q=")
+        ),
+    )
+    if len(sweep) > 1:
+        series.append(
+            Series(
+                f"{MERGED} merge q",
+                [results[n]["exact"]["helpfulness"] for _, n in sweep],
+                [results[n]["exact"][metric] for _, n in sweep],
+                style="both",
+                labels=[f"q={q:g}" for q, _ in sweep],
+                color="#d62728",
+            )
+        )
+    return Chart(
+        f"Helpfulness vs {label}", "helpfulness (exact expected reward)", label, series
+    )
+
+
+def write_report(
+    out: Path, results: dict, runs: dict, budget, seconds: float, quick: bool
+) -> dict:
+    exact = {_label(n): r["exact"] for n, r in results.items()}
+    sampled = {_label(n): r["sampled"] for n, r in results.items()}
+    table = markdown_table(exact, EXACT_COLUMNS)
+    sampled_table = markdown_table(sampled, SAMPLED_COLUMNS)
+    charts = [
+        tradeoff_chart(results, "p_catastrophic", "P(catastrophic answer)"),
+        tradeoff_chart(results, "mean_cost", "mean cost"),
+        Chart(
+            "Training loss (stage 1, then stage 2)",
+            "iteration",
+            "loss",
+            training_curves(runs),
+        ),
+    ]
+    write_figure(out / "plot.svg", charts, columns=2)
+    text = verdict(results)
+    harmful_rows = {
+        _label(n): dict(r["kinds"]["harmful"].items()) for n, r in results.items()
+    }
+    kind_names = [k.name for k in world.KINDS if k.harmful_request] + ["other"]
+    kinds_table = (
+        "| model | " + " | ".join(kind_names) + " |\n|---|" + "---:|" * len(kind_names)
+    )
+    for name, row in harmful_rows.items():
+        kinds_table += (
+            "\n| "
+            + name
+            + " | "
+            + " | ".join(f"{row.get(k, 0.0):.3f}" for k in kind_names)
+            + " |"
+        )
+    stages = []
+    for name, run in runs.items():
+        if "shared_with" in run:
+            stages.append(
+                f"| {name} | = the reward stage of {run['shared_with']} | | | | |"
+            )
+            continue
+        for stage in run["stages"]:
+            t = stage.get("train", {})
+            stages.append(
+                f"| {name} | {stage['name']} | {stage['beta']:g} | {stage['iterations']} "
+                f"| {t.get('loss', float('nan')):.4f} | {t.get('accuracy', float('nan')):.2f} |"
+            )
+    report = (
+        f"""# rsa_mlx demo report
+
+{"Quick run (`--quick`): small budget, numbers are indicative only." if quick else ""}
+
+Base model: `{BASE_MODEL}` (the demo world's SFT model). Every method trains
+LoRA adapters for {budget.iters} iterations per stage, batch {budget.batch_size}
+pairs, learning rate {budget.learning_rate:g}, beta {budget.beta:g} (safety stage
+beta / lambda = {budget.beta / budget.lam:g}). Wall time {seconds:.0f}s.
+
+## Results on held-out prompts (exact)
+
+Teacher-forced probabilities of every canonical answer on the held-out
+prompts: no sampling noise. Helpfulness is the expected reward; harm is the
+distribution of the answer's cost (0, 1 for a mildly harmful answer, 10 for a
+catastrophic one); P(catastrophic) is averaged over harmful prompts.
+
+{table}
+
+![helpfulness vs harm](plot.svg)
+
+{text}
+
+## Answers to harmful prompts, by kind (exact probabilities)
+
+{kinds_table}
+
+## Sampled answers ({budget.samples} per held-out prompt, temperature 1)
+
+{sampled_table}
+
+## Training
+
+| method | stage | beta | iterations | final loss | accuracy |
+|---|---|---:|---:|---:|---:|
+"""
+        + "\n".join(stages)
+        + f"""
+
+Each method's adapters, metrics and config are in `methods/<name>/`; load one
+with `rsa_mlx.load(adapter_path="methods/rsa-cvar")` or with mlx-lm:
+`mlx_lm.generate --model {BASE_MODEL} --adapter-path methods/rsa-cvar/final`.
+The preference data (PKU-SafeRLHF layout) is in `data/`; per-model
+evaluations with every sampled answer are in `eval/`.
+"""
+    )
+    (out / "report.md").write_text(report)
+    return {"table": table, "verdict": text}
