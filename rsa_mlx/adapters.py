@@ -36,6 +36,8 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 
+from rsa_mlx.hf import check_safetensors
+
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
 LORA_TYPES = (LoRALinear, LoRASwitchLinear, LoRAEmbedding)
@@ -296,14 +298,21 @@ def apply_adapter(
     if base is None and not any(
         isinstance(m, LORA_TYPES) for _, m in model.named_modules()
     ):
-        load_adapters(model, str(folder))  # plain mlx-lm adapter: its own checks
+        check_safetensors(folder / ADAPTER_FILE)
+        try:
+            load_adapters(model, str(folder))  # plain mlx-lm adapter: its checks
+        except ValueError as e:  # one line, like ours below
+            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+            raise ValueError(
+                f"{folder}: adapter does not match the model ({lines[-1]})"
+            ) from None
         layers = [m for _, m in model.named_modules() if isinstance(m, LORA_TYPES)]
     else:
         if base is not None and with_base:
             apply_adapter(model, (folder / base).resolve())
         cfg = config_from_file(config)
         layers = add_adapter(model, cfg)
-        weights = mx.load(str(folder / ADAPTER_FILE))
+        weights = mx.load(str(check_safetensors(folder / ADAPTER_FILE)))
         expected = adapter_weights(model)
         problems = [
             f"{k}: {'unexpected' if k not in expected else 'shape ' + str(v.shape)}"

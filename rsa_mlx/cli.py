@@ -12,6 +12,7 @@ import click
 
 import rsa_mlx
 from rsa_mlx import _blas
+from rsa_mlx.convert import DTYPES, Q_MODES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -203,13 +204,180 @@ def compare(results, output, plot):
     _guard(run)
 
 
+@main.command(epilog="mlx-lm's spellings: the same flags as `mlx_lm.convert`.")
+@click.option(
+    "--hf-path",
+    "--model",
+    "hf_path",
+    required=True,
+    help="Local HF model folder or Hugging Face id (offline: from the cache).",
+)
+@click.option(
+    "--mlx-path",
+    default="mlx_model",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Output folder (must not exist).",
+)
+@click.option("-q", "--quantize", is_flag=True, help="Quantise the weights.")
+@click.option("--q-bits", type=int, help="Bits per weight [mlx-lm default: 4].")
+@click.option("--q-group-size", type=int, help="Group size [mlx-lm default: 64].")
+@click.option(
+    "--q-mode",
+    type=click.Choice(Q_MODES),
+    default="affine",
+    show_default=True,
+    help="Quantisation mode.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPES),
+    help="Parameter dtype [default: the config's torch_dtype].",
+)
+@click.option("--revision", help="Hub revision (branch, tag or commit).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code.")
+def convert(hf_path, mlx_path, quantize, q_bits, q_group_size, q_mode, dtype, **kw):
+    """Convert a Hugging Face model to an mlx-lm folder (wraps mlx_lm.convert).
+
+    \b
+    Examples:
+      rsa-mlx convert --hf-path Qwen/Qwen2.5-0.5B-Instruct --mlx-path qwen-mlx
+      rsa-mlx convert --hf-path ./my-hf-model --mlx-path m-4bit -q --q-bits 4
+      rsa-mlx convert --hf-path ./my-hf-model --mlx-path m-f32 --dtype float32
+    """
+    from rsa_mlx.convert import convert as run_convert
+
+    def run():
+        out = run_convert(
+            hf_path, mlx_path, quantize, q_bits, q_group_size, q_mode, dtype, **kw
+        )
+        click.echo(f"wrote {out}")
+
+    _guard(run)
+
+
+@main.command(epilog="Exit status 2 on bad input; nothing is left half-written.")
+@click.option("--model", help="Base model folder or HF id (default: the run's).")
+@click.option(
+    "--adapter-path", help="Run folder, stage folder or mlx-lm adapter folder."
+)
+@click.option("--merge", type=float, help="Merge ratio q of the last stage.")
+@click.option(
+    "--save-path",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Output folder (must not exist).",
+)
+@click.option(
+    "--peft", is_flag=True, help="Write the adapters alone, in PEFT's layout."
+)
+def export(model, adapter_path, merge, save_path, peft):
+    """Export to Hugging Face: a fused model folder, or a PEFT adapter.
+
+    The merged folder holds de-quantised safetensors (format pt), the config
+    without quantisation keys, the tokenizer and a model card; transformers
+    loads it. With --peft, adapter_model.safetensors + adapter_config.json
+    for `peft.PeftModel.from_pretrained(base, path)`.
+
+    \b
+    Examples:
+      rsa-mlx export --adapter-path runs/x --save-path aligned-hf
+      rsa-mlx export --adapter-path runs/x --merge 0.5 --save-path q05-hf
+      rsa-mlx export --adapter-path runs/x --peft --save-path aligned-peft
+      rsa-mlx export --model qwen-mlx --save-path qwen-hf   # no adapters
+    """
+    from rsa_mlx.export import export_model, export_peft
+
+    def run():
+        write = export_peft if peft else export_model
+        out = write(save_path, model=model, adapter_path=adapter_path, merge=merge)
+        click.echo(f"wrote {out}")
+
+    _guard(run)
+
+
+@main.command()
+@click.option("--model", help="Base model folder or HF id (default: the run's).")
+@click.option(
+    "--adapter-path", help="Run folder, stage folder or mlx-lm adapter folder."
+)
+@click.option("--merge", type=float, help="Merge ratio q of the last stage.")
+@click.option(
+    "-p", "--prompt", default="-", show_default=True, help="Prompt; '-' reads stdin."
+)
+@click.option("--system-prompt", help="System message for the chat template.")
+@click.option(
+    "--ignore-chat-template", is_flag=True, help="Use the prompt text as it is."
+)
+@click.option("-m", "--max-tokens", default=256, show_default=True)
+@click.option("--temp", default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("-n", "--num-samples", default=1, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def generate(model, adapter_path, merge, prompt, system_prompt, ignore_chat_template,
+             max_tokens, temp, top_p, num_samples, seed):  # fmt: skip
+    """Sample from a model with its adapters (and merge ratio q).
+
+    \b
+    Examples:
+      rsa-mlx generate --adapter-path runs/x --prompt "How do I pick a lock?"
+      rsa-mlx generate --adapter-path runs/x --merge 0.5 --temp 0.7 -n 4 -p "Hi"
+      echo "Hello" | rsa-mlx generate --model qwen-mlx
+    """
+    import mlx.core as mx
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    from rsa_mlx.model import load
+
+    def run():
+        text = sys.stdin.read() if prompt == "-" else prompt
+        net, tokenizer = load(model, adapter_path=adapter_path, merge=merge)
+        if ignore_chat_template or tokenizer.chat_template is None:
+            ids = tokenizer.encode(text)
+        else:
+            messages = [{"role": "user", "content": text}]
+            if system_prompt:
+                messages.insert(0, {"role": "system", "content": system_prompt})
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        mx.random.seed(seed)
+        sampler = make_sampler(temp=temp, top_p=top_p)
+        for i in range(num_samples):
+            if num_samples > 1:
+                click.echo(f"--- sample {i + 1}")
+            for chunk in stream_generate(
+                net, tokenizer, ids, max_tokens=max_tokens, sampler=sampler
+            ):
+                click.echo(chunk.text, nl=False)
+            click.echo()
+
+    _guard(run)
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell):
+    """Print the shell completion script for rsa-mlx.
+
+    \b
+    Examples:
+      eval "$(rsa-mlx completion bash)"        # in ~/.bashrc
+      eval "$(rsa-mlx completion zsh)"         # in ~/.zshrc
+      rsa-mlx completion fish > ~/.config/fish/completions/rsa-mlx.fish
+    """
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    click.echo(cls(main, {}, "rsa-mlx", "_RSA_MLX_COMPLETE").source())
+
+
 def _guard(fn):
     """Run a command body: bad input gives one line on stderr and exit 2."""
     from rsa_mlx.data import DataError
 
     try:
         fn()
-    except (DataError, ValueError, FileNotFoundError, OSError) as e:
+    except (DataError, ValueError, OSError) as e:
         if os.environ.get("RSA_MLX_DEBUG"):
             raise
         click.echo(f"error: {e}", err=True)

@@ -223,23 +223,16 @@ def _download_dataset(source: str) -> Path:
     if len(parts) < 2 or source.startswith((".", "/", "~")):
         raise DataError(f"{source}: no such file or folder")
     repo_id, sub = "/".join(parts[:2]), "/".join(parts[2:])
-    from huggingface_hub import snapshot_download
+    from rsa_mlx.hf import snapshot
 
     patterns = [
         f"{sub}/**" if sub else "*",
         *(f"{sub + '/' if sub else ''}**{s}" for s in _SUFFIXES),
     ]
-    kwargs = {"repo_type": "dataset", "allow_patterns": patterns}
     try:
-        root = Path(snapshot_download(repo_id, **kwargs))
-    except Exception as first:  # offline: the local cache, if it has the files
-        try:
-            root = Path(snapshot_download(repo_id, local_files_only=True, **kwargs))
-        except Exception:
-            raise DataError(
-                f"{source}: not a local path, and the Hugging Face dataset could not "
-                f"be fetched or found in the cache ({type(first).__name__})"
-            ) from None
+        root = snapshot(repo_id, repo_type="dataset", allow_patterns=patterns)
+    except FileNotFoundError as e:
+        raise DataError(str(e)) from None
     path = root / sub if sub else root
     if not path.exists():
         raise DataError(f"{source}: the dataset has no folder {sub!r}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from rsa_mlx import adapters
+from rsa_mlx import adapters, hf
 
 RUN_FILE = "run.json"
 
@@ -101,6 +101,11 @@ def resolve_adapter(adapter_path: Path) -> tuple[Path, dict | None]:
     return adapter_path, None
 
 
+def default_merge(run: dict | None) -> float:
+    """The run's merge ratio q for its last stage (1 for a single stage)."""
+    return float(run.get("merge", 1.0)) if run and len(run["stages"]) > 1 else 1.0
+
+
 def load(
     model: str | None = None,
     adapter_path: str | Path | None = None,
@@ -129,12 +134,13 @@ def load(
         if run is None:
             raise ValueError("give the base model (model=...), or a run folder")
         model = run["model"]
-    net, tokenizer = mlx_load(model, **load_kwargs)
+    model = hf.snapshot(model, allow_patterns=hf.MODEL_PATTERNS)
+    config = hf.check_model_folder(model)  # one-line errors before mlx-lm's
+    if fixes := hf.config_fixes(config):
+        load_kwargs["model_config"] = {**fixes, **load_kwargs.get("model_config", {})}
+    net, tokenizer = mlx_load(str(model), **load_kwargs)
     if folder is not None:
-        if merge is None:
-            merge = (
-                float(run.get("merge", 1.0)) if run and len(run["stages"]) > 1 else 1.0
-            )
+        merge = default_merge(run) if merge is None else merge
         adapters.apply_adapter(net, folder, merge=merge)
         net.eval()
     return net, tokenizer

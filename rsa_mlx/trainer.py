@@ -34,7 +34,7 @@ from rsa_mlx.data import (
     epochs_to_iters,
     load_pairs,
 )
-from rsa_mlx.model import RUN_FILE, ResponseLogits
+from rsa_mlx.model import RUN_FILE, ResponseLogits, load
 from rsa_mlx.risk import resolve_mu
 from rsa_mlx.step import Objective, make_eval, make_step
 
@@ -495,8 +495,6 @@ def train(
     ``model``/``tokenizer`` may be passed in (already loaded from
     ``cfg.model``); otherwise they are loaded with ``mlx_lm.load``.
     """
-    from mlx_lm.utils import load as mlx_load
-
     run_dir = Path(cfg.adapter_path) if cfg.adapter_path else default_run_dir(cfg)
     if cfg.resume:
         if not (run_dir / RUN_FILE).exists():
@@ -508,7 +506,7 @@ def train(
         )
     # Load and check everything before the run folder is written.
     if model is None:
-        model, tokenizer = mlx_load(cfg.model)
+        model, tokenizer = load(cfg.model)
     datasets = {stage: prepare_data(cfg, stage, tokenizer) for stage in cfg.stage_names}
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = yaml.safe_dump({**cfg.to_dict(), "resume": False}, sort_keys=False)

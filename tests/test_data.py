@@ -152,7 +152,7 @@ def test_hub_dataset_id_offline_from_cache(tmp_path, monkeypatch):
     write_jsonl(snapshot / "data" / "x" / "train.jsonl", pku_rows(3))
     calls = []
 
-    def fake_download(repo_id, repo_type, allow_patterns, local_files_only=False):
+    def fake_download(repo_id, local_files_only=False, **kwargs):
         calls.append((repo_id, local_files_only))
         if not local_files_only:
             raise OSError("no network")

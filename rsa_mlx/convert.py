@@ -1,0 +1,80 @@
+"""Hugging Face -> MLX: mlx-lm's converter, with checks and an atomic result.
+
+``mlx_lm.convert`` does the work (casting, quantisation, the tokenizer). Around
+it: the source is checked first (folder, config, architecture, safetensors)
+so bad input fails in one line before anything is written; the output is
+built in a temporary folder next to ``mlx_path`` and renamed into place
+only when complete; RoPE keys that transformers >= 5 nests under
+``rope_parameters`` are restored to the top level, where mlx-lm reads them
+(:func:`rsa_mlx.hf.config_fixes`); a sentencepiece ``tokenizer.model`` is carried over so
+the folder also loads where only the slow tokenizer is understood.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from rsa_mlx import hf
+
+Q_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def convert(
+    hf_path: str | Path,
+    mlx_path: str | Path = "mlx_model",
+    quantize: bool = False,
+    q_bits: int | None = None,
+    q_group_size: int | None = None,
+    q_mode: str = "affine",
+    dtype: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Convert a HF model (local folder or Hub id) to an mlx-lm folder.
+
+    Arguments are ``mlx_lm.convert``'s: ``dtype`` defaults to the config's
+    ``torch_dtype``; ``quantize`` with ``q_bits``/``q_group_size``/``q_mode``
+    (mlx-lm's defaults when None). Returns ``mlx_path``.
+    """
+    from mlx_lm.convert import convert as mlx_convert
+
+    mlx_path = Path(mlx_path)
+    if mlx_path.exists():
+        raise FileExistsError(
+            f"{mlx_path}: already exists; remove it or choose another --mlx-path"
+        )
+    if q_mode not in Q_MODES:
+        raise ValueError(f"--q-mode {q_mode!r}: choose one of {', '.join(Q_MODES)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    source = hf.snapshot(hf_path, revision, allow_patterns=hf.MODEL_PATTERNS)
+    hf.check_model_folder(source)
+
+    mlx_path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=mlx_path.parent, prefix=f".{mlx_path.name}."))
+    try:
+        out = work / "model"
+        mlx_convert(
+            str(source),
+            mlx_path=str(out),
+            quantize=quantize,
+            q_bits=q_bits,
+            q_group_size=q_group_size,
+            q_mode=q_mode,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+        )
+        config = json.loads((out / "config.json").read_text())
+        if fixes := hf.config_fixes(config):
+            (out / "config.json").write_text(json.dumps({**config, **fixes}, indent=4))
+        spm = source / "tokenizer.model"
+        if spm.exists() and not (out / spm.name).exists():
+            shutil.copy2(spm, out / spm.name)
+        out.rename(mlx_path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return mlx_path

@@ -1,0 +1,215 @@
+"""Model folders: fetching from the Hugging Face Hub, and checks with clear errors.
+
+Shared by the converters (:mod:`rsa_mlx.convert`, :mod:`rsa_mlx.export`) and
+the loader (:func:`rsa_mlx.model.load`), so that a missing folder, an unknown
+architecture or a truncated safetensors file is one line naming the file,
+not a traceback from deep inside a loader.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+from pathlib import Path
+
+# What mlx-lm fetches for a model (mlx_lm.utils.DEFAULT_ALLOW_PATTERNS).
+MODEL_PATTERNS = [
+    "*.json",
+    "model*.safetensors",
+    "*.py",
+    "tokenizer.model",
+    "*.tiktoken",
+    "tiktoken.model",
+    "*.txt",
+    "*.jsonl",
+    "*.jinja",
+]
+
+# Architectures whose mlx-lm ``Model.sanitize`` at most drops keys (rotary
+# ``inv_freq``, a tied ``lm_head``) and whose MLX parameter names are the HF
+# names: for these the MLX weights *are* the HF checkpoint. Checked by reading
+# each ``sanitize`` in mlx-lm 0.32. Others (MoE expert stacking, conv
+# transposes, fused projections) are rearranged with no inverse, so they are
+# refused rather than exported wrongly.
+EXPORTABLE = frozenset(
+    {
+        "cohere",
+        "ernie4_5",
+        "exaone",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "glm",
+        "granite",
+        "helium",
+        "hunyuan_v1_dense",
+        "internlm3",
+        "llama",
+        "mistral",
+        "olmo2",
+        "phi3",
+        "qwen2",
+        "qwen3",
+        "seed_oss",
+        "smollm3",
+        "starcoder2",
+    }
+)
+
+
+def snapshot(
+    source: str | Path,
+    revision: str | None = None,
+    repo_type: str = "model",
+    allow_patterns: list[str] | None = None,
+) -> Path:
+    """A local folder for ``source``: itself if it exists, else a Hub snapshot.
+
+    Hub ids are fetched with huggingface-hub; without a network the local
+    cache is used when it holds the files.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    text = str(source)
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    from huggingface_hub import snapshot_download
+
+    kwargs = {"revision": revision, "repo_type": repo_type}
+    kwargs["allow_patterns"] = allow_patterns
+    try:
+        return Path(snapshot_download(text, **kwargs))
+    except Exception as first:  # offline: the local cache, if it has the files
+        try:
+            return Path(snapshot_download(text, local_files_only=True, **kwargs))
+        except Exception:
+            raise FileNotFoundError(
+                f"{source}: not a local folder, and the Hugging Face {repo_type} "
+                f"could not be fetched or found in the cache ({type(first).__name__})"
+            ) from None
+
+
+def read_config(folder: Path) -> dict:
+    """``folder/config.json``, with one-line errors."""
+    path = Path(folder) / "config.json"
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder}: no such model folder")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing (not a model folder?)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ValueError(f"{path}: no 'model_type' field")
+    return config
+
+
+def mlx_model_type(config: dict) -> str:
+    """The mlx-lm module name for ``config`` (after mlx-lm's remapping)."""
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    model_type = config["model_type"]
+    return MODEL_REMAPPING.get(model_type, model_type)
+
+
+def check_architecture(folder: Path, config: dict) -> None:
+    """Raise unless mlx-lm has a model for ``config['model_type']``."""
+    name = mlx_model_type(config)
+    if importlib.util.find_spec(f"mlx_lm.models.{name}") is None:
+        import mlx_lm
+
+        raise ValueError(
+            f"{Path(folder) / 'config.json'}: model_type {config['model_type']!r} "
+            f"is not an architecture mlx-lm {mlx_lm.__version__} supports"
+        )
+
+
+def config_fixes(config: dict) -> dict:
+    """Top-level keys mlx-lm reads that transformers >= 5 nests elsewhere.
+
+    transformers 5 writes ``rope_parameters: {rope_theta, rope_type, ...}``
+    instead of ``rope_theta`` and ``rope_scaling``; mlx-lm 0.32 reads only the
+    old keys and silently falls back to its default base (1e6 for qwen2), so
+    a model saved by a recent transformers would load with the wrong RoPE.
+    """
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict):
+        return {}
+    fixes = {}
+    if "rope_theta" not in config and "rope_theta" in rope:
+        fixes["rope_theta"] = rope["rope_theta"]
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if (
+        "rope_scaling" not in config
+        and scaling.get("rope_type", "default") != "default"
+    ):
+        fixes["rope_scaling"] = scaling
+    return fixes
+
+
+def check_exportable(folder: Path, config: dict) -> None:
+    """Raise unless the MLX weights of this architecture are its HF weights."""
+    model_type = config["model_type"]
+    if model_type not in EXPORTABLE and mlx_model_type(config) not in EXPORTABLE:
+        raise ValueError(
+            f"{Path(folder) / 'config.json'}: cannot export model_type "
+            f"{model_type!r} to Hugging Face: mlx-lm's loader rearranges its "
+            "weights (Model.sanitize) and has no inverse; exportable: "
+            + ", ".join(sorted(EXPORTABLE))
+        )
+
+
+def check_safetensors(path: Path) -> Path:
+    """Check a safetensors file's header and size; return ``path``.
+
+    A file cut short or overwritten raises ``ValueError`` naming it, before
+    a loader fails on it with a less helpful message.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing") from None
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except (struct.error, UnicodeDecodeError, KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"{path}: corrupt safetensors file ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: corrupt safetensors file ({e})") from None
+    if 8 + n + end > size:
+        raise ValueError(
+            f"{path}: corrupt safetensors file (truncated: {size} bytes, the "
+            f"header needs {8 + n + end})"
+        )
+    return path
+
+
+def check_model_folder(folder: Path) -> dict:
+    """All checks for a model folder mlx-lm will load; returns its config."""
+    folder = Path(folder)
+    config = read_config(folder)
+    check_architecture(folder, config)
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        other = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+            p.name for p in folder.glob("*.pth")
+        )
+        hint = f" (found {other[0]}: convert it to safetensors)" if other else ""
+        raise FileNotFoundError(f"{folder}: no model*.safetensors weights{hint}")
+    for path in files:
+        check_safetensors(path)
+    return config
