@@ -1,0 +1,67 @@
+"""The examples run as users run them, offline, on tiny budgets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.hf_tiny import torch_or_skip, write_hf_model
+from tests.tiny import pku_rows, write_jsonl
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run(command, env, cwd):
+    out = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **env},
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_python_api_example(tmp_path):
+    work = tmp_path / "work"
+    stdout = run(
+        [sys.executable, str(EXAMPLES / "python_api.py")],
+        {"WORK": str(work), "ITERS": "2", "SAMPLES": "1"},
+        tmp_path,
+    )
+    assert "| rsa |" in stdout and "stages: ['reward', 'safety']" in stdout
+    assert (work / "hf" / "model.safetensors").exists()
+    assert (work / "peft" / "adapter_model.safetensors").exists()
+
+
+def test_real_model_recipe_with_local_folders_in_the_hub_layout(tmp_path):
+    torch_or_skip()
+    model = write_hf_model(tmp_path / "hf-model", "qwen2")
+    data = tmp_path / "pku"  # PKU-SafeRLHF-30K's layout: train.jsonl, test.jsonl
+    write_jsonl(data / "train.jsonl", pku_rows(8))
+    write_jsonl(data / "test.jsonl", pku_rows(4, seed=1))
+    work = tmp_path / "work"
+    env = {
+        "MODEL": str(model),
+        "DATA": str(data),
+        "JUDGE": str(model),  # any model mlx-lm loads can judge
+        "WORK": str(work),
+        "ITERS": "1",
+        "EVAL_PROMPTS": "2",
+        "K": "1",
+        "MAX_TOKENS": "3",
+        "MAX_SEQ": "128",
+        "RSA_MLX": f"{sys.executable} -m rsa_mlx.cli",
+        "PYTHON": sys.executable,
+    }
+    stdout = run(["bash", str(EXAMPLES / "real_model_recipe.sh")], env, tmp_path)
+    assert "=== done" in stdout
+    table = (work / "eval" / "table.md").read_text()
+    assert all(f"| {name} |" in table for name in ("base", "helpful", "rsa"))
+    assert (work / "hf" / "config.json").exists()
+    assert (work / "peft" / "adapter_config.json").exists()
+    assert "cvar" in (work / "hf" / "README.md").read_text()
