@@ -15,6 +15,19 @@ from rsa_mlx import _blas
 from rsa_mlx.convert import DTYPES, Q_MODES
 
 
+def model_options(fn):
+    """--model, --adapter-path and --merge: what `rsa_mlx.load` takes."""
+    fn = click.option("--merge", type=float, help="Merge ratio q of the last stage.")(
+        fn
+    )
+    fn = click.option(
+        "--adapter-path", help="Run folder, stage folder or mlx-lm adapter folder."
+    )(fn)
+    return click.option(
+        "--model", help="Base model folder or HF id (default: the run's)."
+    )(fn)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(rsa_mlx.__version__, prog_name="rsa-mlx")
 def main():
@@ -66,11 +79,7 @@ def info(no_bench: bool):
 
 
 @main.command()
-@click.option("--model", help="Base model folder or HF id (default: the run's).")
-@click.option(
-    "--adapter-path", help="Run folder, stage folder or mlx-lm adapter folder."
-)
-@click.option("--merge", type=float, help="Merge ratio q of the last stage.")
+@model_options
 @click.option(
     "--prompts",
     required=True,
@@ -257,11 +266,7 @@ def convert(hf_path, mlx_path, quantize, q_bits, q_group_size, q_mode, dtype, **
 
 
 @main.command(epilog="Exit status 2 on bad input; nothing is left half-written.")
-@click.option("--model", help="Base model folder or HF id (default: the run's).")
-@click.option(
-    "--adapter-path", help="Run folder, stage folder or mlx-lm adapter folder."
-)
-@click.option("--merge", type=float, help="Merge ratio q of the last stage.")
+@model_options
 @click.option(
     "--save-path",
     required=True,
@@ -297,11 +302,7 @@ def export(model, adapter_path, merge, save_path, peft):
 
 
 @main.command()
-@click.option("--model", help="Base model folder or HF id (default: the run's).")
-@click.option(
-    "--adapter-path", help="Run folder, stage folder or mlx-lm adapter folder."
-)
-@click.option("--merge", type=float, help="Merge ratio q of the last stage.")
+@model_options
 @click.option(
     "-p", "--prompt", default="-", show_default=True, help="Prompt; '-' reads stdin."
 )

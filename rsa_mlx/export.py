@@ -150,6 +150,16 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _risk_text(cfg: dict) -> str:
+    from rsa_mlx.risk import MEASURES, resolve_mu
+
+    risk = cfg.get("risk", "?")
+    if cfg.get("loss") == "dpo" or risk not in MEASURES:
+        return "none (plain DPO)" if cfg.get("loss") == "dpo" else str(risk)
+    mu = resolve_mu(risk, cfg.get("mu"))
+    return risk if mu is None else f"{risk} (mu = {mu})"
+
+
 def model_card(run: dict, kind: str) -> str:
     """A README.md stating the base model, method, risk measure and settings."""
     cfg = run.get("config") or {}
@@ -163,9 +173,7 @@ def model_card(run: dict, kind: str) -> str:
     rows = {
         "base model": run["model"],
         "method": method,
-        "risk measure": f"{cfg.get('risk', '?')} (mu={cfg.get('mu')})"
-        if stages
-        else "-",
+        "risk measure": _risk_text(cfg) if stages else "-",
         "merge ratio q": run.get("merge", 1.0),
         "export": kind,
         "rsa_mlx": rsa_mlx.__version__,

@@ -111,7 +111,8 @@ def test_exported_model_gives_the_aligned_logits_in_transformers(aligned, tmp_pa
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "quantization" not in config and "quantization_config" not in config
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "variant2" in card and "cvar" in card and "merge ratio q | 0.5" in card
+    assert "variant2" in card and "cvar (mu = 0.95)" in card
+    assert "merge ratio q | 0.5" in card
 
 
 def test_merge_ratio_is_exported(aligned, tmp_path):
