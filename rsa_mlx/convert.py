@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from rsa_mlx import hf
@@ -42,22 +41,13 @@ def convert(
     """
     from mlx_lm.convert import convert as mlx_convert
 
-    mlx_path = Path(mlx_path)
-    if mlx_path.exists():
-        raise FileExistsError(
-            f"{mlx_path}: already exists; remove it or choose another --mlx-path"
-        )
     if q_mode not in Q_MODES:
         raise ValueError(f"--q-mode {q_mode!r}: choose one of {', '.join(Q_MODES)}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    source = hf.snapshot(hf_path, revision, allow_patterns=hf.MODEL_PATTERNS)
-    hf.check_model_folder(source)
-
-    mlx_path.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=mlx_path.parent, prefix=f".{mlx_path.name}."))
-    try:
-        out = work / "model"
+    with hf.staged_folder(mlx_path, "--mlx-path") as out:
+        source = hf.snapshot(hf_path, revision, allow_patterns=hf.MODEL_PATTERNS)
+        hf.check_model_folder(source)
         mlx_convert(
             str(source),
             mlx_path=str(out),
@@ -74,7 +64,4 @@ def convert(
         spm = source / "tokenizer.model"
         if spm.exists() and not (out / spm.name).exists():
             shutil.copy2(spm, out / spm.name)
-        out.rename(mlx_path)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return mlx_path
+    return Path(mlx_path)

@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -34,23 +32,6 @@ from rsa_mlx import adapters, hf
 from rsa_mlx.model import RUN_FILE, default_merge, load, read_run, resolve_adapter
 
 _QUANT_KEYS = ("quantization", "quantization_config")
-
-
-@contextmanager
-def _staging(save_path: Path):
-    """A fresh folder that becomes ``save_path`` only if the body succeeds."""
-    save_path = Path(save_path)
-    if save_path.exists():
-        raise FileExistsError(
-            f"{save_path}: already exists; remove it or choose another --save-path"
-        )
-    save_path.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=save_path.parent, prefix=f".{save_path.name}."))
-    try:
-        yield work / "out"
-        (work / "out").rename(save_path)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _sources(model, adapter_path, merge) -> tuple[Path, dict, dict]:
@@ -137,17 +118,13 @@ def _save_weights(folder: Path, weights: dict[str, mx.array]) -> None:
         index.update(dict.fromkeys(shard, file))
     if len(shards) > 1:
         total = sum(v.nbytes for v in weights.values())
-        _write_json(
+        adapters.save_json(
             folder / "model.safetensors.index.json",
             {
                 "metadata": {"total_size": total},
                 "weight_map": dict(sorted(index.items())),
             },
         )
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _risk_text(cfg: dict) -> str:
@@ -216,14 +193,13 @@ def export_model(
     merge: float | None = None,
 ) -> Path:
     """Write base model + adapters (+ merge q) as a Hugging Face folder."""
-    base, config, run = _sources(model, adapter_path, merge)
-    net, tokenizer = load(str(base), adapter_path, merge)
-    weights = hf_weights(net, config)
-    with _staging(Path(save_path)) as out:
+    with hf.staged_folder(save_path, "--save-path") as out:
+        base, config, run = _sources(model, adapter_path, merge)
+        net, tokenizer = load(str(base), adapter_path, merge)
         out.mkdir()
-        _save_weights(out, weights)
+        _save_weights(out, hf_weights(net, config))
         config = {k: v for k, v in config.items() if k not in _QUANT_KEYS}
-        _write_json(out / "config.json", config)
+        adapters.save_json(out / "config.json", config)
         tokenizer._tokenizer.save_pretrained(str(out))
         for name in ("generation_config.json", "tokenizer.model"):
             if (base / name).exists() and not (out / name).exists():
@@ -261,31 +237,31 @@ def export_peft(
     """Write the adapters (both stages folded, merge q applied) for PEFT."""
     if adapter_path is None:
         raise ValueError("--peft exports adapters: give --adapter-path")
-    base, _, run = _sources(model, adapter_path, merge)
-    net, _ = load(str(base), adapter_path, merge)
-    tensors, rank, modules = peft_tensors(net)
-    peft_config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": run["model"],
-        "r": rank,
-        "lora_alpha": rank,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "use_rslora": False,
-        "use_dora": False,
-        "modules_to_save": None,
-        # exact module names, as PEFT's full-match pattern
-        "target_modules": "^(" + "|".join(re.escape(m) for m in modules) + ")$",
-    }
-    with _staging(Path(save_path)) as out:
+    with hf.staged_folder(save_path, "--save-path") as out:
+        base, _, run = _sources(model, adapter_path, merge)
+        net, _ = load(str(base), adapter_path, merge)
+        tensors, rank, modules = peft_tensors(net)
+        peft_config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": run["model"],
+            "r": rank,
+            "lora_alpha": rank,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "use_rslora": False,
+            "use_dora": False,
+            "modules_to_save": None,
+            # exact module names, as PEFT's full-match pattern
+            "target_modules": "^(" + "|".join(re.escape(m) for m in modules) + ")$",
+        }
         out.mkdir()
         mx.save_safetensors(
             str(out / "adapter_model.safetensors"), tensors, metadata={"format": "pt"}
         )
-        _write_json(out / "adapter_config.json", peft_config)
+        adapters.save_json(out / "adapter_config.json", peft_config)
         (out / "README.md").write_text(model_card(run, "peft"))
     return Path(save_path)

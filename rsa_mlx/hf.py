@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # What mlx-lm fetches for a model (mlx_lm.utils.DEFAULT_ALLOW_PATTERNS).
@@ -213,3 +217,24 @@ def check_model_folder(folder: Path) -> dict:
     for path in files:
         check_safetensors(path)
     return config
+
+
+@contextmanager
+def staged_folder(path: str | Path, flag: str) -> Iterator[Path]:
+    """A path (not yet created) that becomes ``path`` only if the body succeeds.
+
+    Built next to ``path`` and renamed into place, so a failure leaves
+    nothing half-written; an existing ``path`` is never touched.
+    """
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(
+            f"{path}: already exists; remove it or choose another {flag}"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield work / "out"
+        (work / "out").rename(path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
