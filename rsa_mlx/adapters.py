@@ -22,8 +22,6 @@ Files are mlx-lm's (``adapters.safetensors`` + ``adapter_config.json``):
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +34,8 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 
+from rsa_mlx.atomic import save_json, save_safetensors
+from rsa_mlx.errors import InputError
 from rsa_mlx.hf import check_safetensors
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -108,7 +108,7 @@ def _wrap(module: nn.Module, cfg: LoRAConfig) -> nn.Module:
     elif isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)):
         new = LoRAEmbedding.from_base(module, r=r, dropout=dropout, scale=scale)
     else:
-        raise ValueError(f"cannot put a LoRA layer on {type(module).__name__}")
+        raise InputError(f"cannot put a LoRA layer on {type(module).__name__}")
     return new
 
 
@@ -159,7 +159,7 @@ def add_adapter(model: nn.Module, cfg: LoRAConfig) -> list[nn.Module]:
         if isinstance(m, LORA_TYPES) and id(m) not in before
     ]
     if not added:
-        raise ValueError(
+        raise InputError(
             f"no layers to adapt (num_layers={cfg.num_layers}, keys={cfg.keys})"
         )
     return added
@@ -196,45 +196,6 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix
-    )
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_json(path: Path, data: dict) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-
-    _atomic_write(Path(path), write)
-
-
-def save_text(path: Path, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    _atomic_write(Path(path), write)
-
-
-def save_safetensors(path: Path, arrays: dict[str, mx.array], metadata=None) -> None:
-    _atomic_write(
-        Path(path), lambda tmp: mx.save_safetensors(tmp, arrays, metadata or {})
-    )
-
-
 def adapter_config(cfg: LoRAConfig, extra: dict | None = None) -> dict:
     """``adapter_config.json`` content that ``mlx_lm.load_adapters`` reads."""
     config = {
@@ -264,7 +225,7 @@ def read_config(folder: Path) -> dict:
             f"{path}: no adapter config (not an adapter folder?)"
         ) from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON ({e.msg})") from None
+        raise InputError(f"{path}: malformed JSON ({e.msg})") from None
 
 
 def config_from_file(config: dict) -> LoRAConfig:
@@ -290,7 +251,7 @@ def apply_adapter(
     folder = Path(folder)
     config = read_config(folder)
     if config.get("fine_tune_type", "lora") != "lora":
-        raise ValueError(
+        raise InputError(
             f"{folder}: only LoRA adapters are supported, not "
             f"{config.get('fine_tune_type')!r}"
         )
@@ -303,7 +264,7 @@ def apply_adapter(
             load_adapters(model, str(folder))  # plain mlx-lm adapter: its checks
         except ValueError as e:  # one line, like ours below
             lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-            raise ValueError(
+            raise InputError(
                 f"{folder}: adapter does not match the model ({lines[-1]})"
             ) from None
         layers = [m for _, m in model.named_modules() if isinstance(m, LORA_TYPES)]
@@ -322,7 +283,7 @@ def apply_adapter(
         missing = sorted(set(expected) - set(weights))
         if problems or missing:
             detail = (problems + [f"{k}: missing" for k in missing])[0]
-            raise ValueError(f"{folder}: adapter does not match the model ({detail})")
+            raise InputError(f"{folder}: adapter does not match the model ({detail})")
         model.load_weights(list(weights.items()), strict=False)
     if merge != 1.0:
         for m in layers:

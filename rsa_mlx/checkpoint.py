@@ -19,12 +19,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 from rsa_mlx import adapters
 from rsa_mlx.config import TrainConfig
 from rsa_mlx.data import SamplerState
+from rsa_mlx.errors import TrainingError
 
 CHECKPOINTS = "checkpoints"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message says why."""
 
 
 def config_hash(cfg: TrainConfig, stage: str) -> str:

@@ -13,6 +13,7 @@ import click
 import rsa_mlx
 from rsa_mlx import _blas
 from rsa_mlx.convert import DTYPES, Q_MODES
+from rsa_mlx.errors import InputError
 
 
 def model_options(fn):
@@ -145,7 +146,7 @@ def evaluate(
             "scorer": scorer,
         }
         if output:
-            from rsa_mlx.adapters import save_json
+            from rsa_mlx.atomic import save_json
 
             save_json(Path(output), result)
         click.echo(
@@ -182,7 +183,7 @@ def compare(results, output, plot):
                 data = json.loads(Path(path).read_text())
                 summaries[Path(path).stem] = data["summary"]
             except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(
+                raise InputError(
                     f"{path}: not an `rsa-mlx evaluate` result ({e})"
                 ) from None
         table = ev.markdown_table(
@@ -374,11 +375,11 @@ def completion(shell):
 
 def _guard(fn):
     """Run a command body: bad input gives one line on stderr and exit 2."""
-    from rsa_mlx.data import DataError
+    from rsa_mlx.errors import RsaMlxError
 
     try:
         fn()
-    except (DataError, ValueError, OSError) as e:
+    except (RsaMlxError, OSError) as e:
         if os.environ.get("RSA_MLX_DEBUG"):
             raise
         click.echo(f"error: {e}", err=True)

@@ -15,15 +15,12 @@ from pathlib import Path
 import yaml
 
 from rsa_mlx.adapters import LoRAConfig
+from rsa_mlx.errors import ConfigError
 from rsa_mlx.losses import LOSSES
 from rsa_mlx.risk import MEASURES, resolve_mu
 
 STAGE_CHOICES = ("both", "reward", "safety")
 ORDER_CHOICES = ("reward-first", "safety-first")
-
-
-class ConfigError(ValueError):
-    """A bad configuration value, in one line naming the key."""
 
 
 @dataclass

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from rsa_mlx import hf
+from rsa_mlx.errors import InputError
 
 Q_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
 DTYPES = ("float16", "bfloat16", "float32")
@@ -42,9 +43,9 @@ def convert(
     from mlx_lm.convert import convert as mlx_convert
 
     if q_mode not in Q_MODES:
-        raise ValueError(f"--q-mode {q_mode!r}: choose one of {', '.join(Q_MODES)}")
+        raise InputError(f"--q-mode {q_mode!r}: choose one of {', '.join(Q_MODES)}")
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        raise InputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     with hf.staged_folder(mlx_path, "--mlx-path") as out:
         source = hf.snapshot(hf_path, revision, allow_patterns=hf.MODEL_PATTERNS)
         hf.check_model_folder(source)

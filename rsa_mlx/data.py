@@ -31,14 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
+from rsa_mlx.errors import DataError
+
 STAGES = ("reward", "safety")
 SPLITS = ("train", "valid", "test")
 _PKU_ID = {"reward": "better_response_id", "safety": "safer_response_id"}
 _SUFFIXES = (".jsonl", ".json", ".jsonl.xz", ".jsonl.gz")
-
-
-class DataError(ValueError):
-    """A problem with the user's data, stated in one line with its location."""
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from rsa_mlx.data import DataError, Pair, encode_prompt
+from rsa_mlx.errors import InputError
 
 # ----------------------------------------------------------------- metrics
 
@@ -229,7 +230,7 @@ class CallableScorer:
         try:
             self.fn = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"scorer {spec!r}: cannot import ({e})") from None
+            raise InputError(f"scorer {spec!r}: cannot import ({e})") from None
         self.name = spec
 
     def __call__(self, record: PromptRecord, responses: list[str]) -> list[Score]:
@@ -239,7 +240,7 @@ class CallableScorer:
             if isinstance(value, (tuple, list)):
                 value = {"reward": value[0], "cost": value[1]}
             if not isinstance(value, dict) or "cost" not in value:
-                raise ValueError(
+                raise InputError(
                     f"scorer {self.name}: must return {{'reward', 'cost'}}"
                 )
             out.append(
@@ -287,7 +288,7 @@ class JudgeScorer:
         self.yes = self._first_tokens(yes)
         self.no = self._first_tokens(no)
         if not self.yes or not self.no or self.yes & self.no:
-            raise ValueError(
+            raise InputError(
                 f"judge: {yes!r} and {no!r} must start with different tokens"
             )
 
@@ -338,7 +339,7 @@ def load_scorer(spec: str) -> Callable:
         return JudgeScorer(spec.split(":", 1)[1])
     if ":" in spec:
         return CallableScorer(spec)
-    raise ValueError(
+    raise InputError(
         f"unknown scorer {spec!r}: use demo, judge:MODEL or module:function"
     )
 

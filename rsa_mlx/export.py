@@ -29,6 +29,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 import rsa_mlx
 from rsa_mlx import adapters, hf
+from rsa_mlx.atomic import save_json
+from rsa_mlx.errors import InputError
 from rsa_mlx.model import RUN_FILE, default_merge, load, read_run, resolve_adapter
 
 _QUANT_KEYS = ("quantization", "quantization_config")
@@ -56,7 +58,7 @@ def _sources(model, adapter_path, merge) -> tuple[Path, dict, dict]:
             info["config"] = yaml.safe_load((run_dir / "config.yaml").read_text())
     if model is None:
         if run is None:
-            raise ValueError("give the base model (--model), or a run folder")
+            raise InputError("give the base model (--model), or a run folder")
         model = run["model"]
     base = hf.snapshot(model, allow_patterns=hf.MODEL_PATTERNS)
     config = hf.check_model_folder(base)
@@ -118,7 +120,7 @@ def _save_weights(folder: Path, weights: dict[str, mx.array]) -> None:
         index.update(dict.fromkeys(shard, file))
     if len(shards) > 1:
         total = sum(v.nbytes for v in weights.values())
-        adapters.save_json(
+        save_json(
             folder / "model.safetensors.index.json",
             {
                 "metadata": {"total_size": total},
@@ -199,7 +201,7 @@ def export_model(
         out.mkdir()
         _save_weights(out, hf_weights(net, config))
         config = {k: v for k, v in config.items() if k not in _QUANT_KEYS}
-        adapters.save_json(out / "config.json", config)
+        save_json(out / "config.json", config)
         tokenizer._tokenizer.save_pretrained(str(out))
         for name in ("generation_config.json", "tokenizer.model"):
             if (base / name).exists() and not (out / name).exists():
@@ -214,7 +216,7 @@ def peft_tensors(net: nn.Module) -> tuple[dict[str, mx.array], int, list[str]]:
         isinstance(m, (adapters.LoRAEmbedding, adapters.LoRASwitchLinear))
         for _, m in net.named_modules()
     ):
-        raise ValueError(
+        raise InputError(
             "PEFT export supports LoRA on linear layers only (this adapter "
             "adapts embeddings or MoE experts); export the merged model instead"
         )
@@ -236,7 +238,7 @@ def export_peft(
 ) -> Path:
     """Write the adapters (both stages folded, merge q applied) for PEFT."""
     if adapter_path is None:
-        raise ValueError("--peft exports adapters: give --adapter-path")
+        raise InputError("--peft exports adapters: give --adapter-path")
     with hf.staged_folder(save_path, "--save-path") as out:
         base, _, run = _sources(model, adapter_path, merge)
         net, _ = load(str(base), adapter_path, merge)
@@ -262,6 +264,6 @@ def export_peft(
         mx.save_safetensors(
             str(out / "adapter_model.safetensors"), tensors, metadata={"format": "pt"}
         )
-        adapters.save_json(out / "adapter_config.json", peft_config)
+        save_json(out / "adapter_config.json", peft_config)
         (out / "README.md").write_text(model_card(run, "peft"))
     return Path(save_path)

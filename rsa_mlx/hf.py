@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from rsa_mlx.errors import InputError
+
 # What mlx-lm fetches for a model (mlx_lm.utils.DEFAULT_ALLOW_PATTERNS).
 MODEL_PATTERNS = [
     "*.json",
@@ -106,9 +108,9 @@ def read_config(folder: Path) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: missing (not a model folder?)") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
     if not isinstance(config, dict) or "model_type" not in config:
-        raise ValueError(f"{path}: no 'model_type' field")
+        raise InputError(f"{path}: no 'model_type' field")
     return config
 
 
@@ -126,7 +128,7 @@ def check_architecture(folder: Path, config: dict) -> None:
     if importlib.util.find_spec(f"mlx_lm.models.{name}") is None:
         import mlx_lm
 
-        raise ValueError(
+        raise InputError(
             f"{Path(folder) / 'config.json'}: model_type {config['model_type']!r} "
             f"is not an architecture mlx-lm {mlx_lm.__version__} supports"
         )
@@ -159,7 +161,7 @@ def check_exportable(folder: Path, config: dict) -> None:
     """Raise unless the MLX weights of this architecture are its HF weights."""
     model_type = config["model_type"]
     if model_type not in EXPORTABLE and mlx_model_type(config) not in EXPORTABLE:
-        raise ValueError(
+        raise InputError(
             f"{Path(folder) / 'config.json'}: cannot export model_type "
             f"{model_type!r} to Hugging Face: mlx-lm's loader rearranges its "
             "weights (Model.sanitize) and has no inverse; exportable: "
@@ -191,11 +193,11 @@ def check_safetensors(path: Path) -> Path:
             default=0,
         )
     except (struct.error, UnicodeDecodeError, KeyError, TypeError, IndexError) as e:
-        raise ValueError(f"{path}: corrupt safetensors file ({e})") from None
+        raise InputError(f"{path}: corrupt safetensors file ({e})") from None
     except ValueError as e:
-        raise ValueError(f"{path}: corrupt safetensors file ({e})") from None
+        raise InputError(f"{path}: corrupt safetensors file ({e})") from None
     if 8 + n + end > size:
-        raise ValueError(
+        raise InputError(
             f"{path}: corrupt safetensors file (truncated: {size} bytes, the "
             f"header needs {8 + n + end})"
         )

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from rsa_mlx import adapters, hf
+from rsa_mlx.errors import InputError
 
 RUN_FILE = "run.json"
 
@@ -76,7 +77,7 @@ def read_run(run_dir: Path) -> dict:
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON ({e.msg})") from None
+        raise InputError(f"{path}: malformed JSON ({e.msg})") from None
 
 
 def resolve_adapter(adapter_path: Path) -> tuple[Path, dict | None]:
@@ -91,7 +92,7 @@ def resolve_adapter(adapter_path: Path) -> tuple[Path, dict | None]:
     if (adapter_path / RUN_FILE).exists():
         run = read_run(adapter_path)
         if not run.get("stages"):
-            raise ValueError(f"{adapter_path}: the run has no finished stage")
+            raise InputError(f"{adapter_path}: the run has no finished stage")
         return adapter_path / run["stages"][-1]["path"], run
     if not (adapter_path / adapters.CONFIG_FILE).exists():
         raise FileNotFoundError(
@@ -132,7 +133,7 @@ def load(
     )
     if model is None:
         if run is None:
-            raise ValueError("give the base model (model=...), or a run folder")
+            raise InputError("give the base model (model=...), or a run folder")
         model = run["model"]
     model = hf.snapshot(model, allow_patterns=hf.MODEL_PATTERNS)
     config = hf.check_model_folder(model)  # one-line errors before mlx-lm's

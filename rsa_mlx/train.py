@@ -221,12 +221,11 @@ def main(**options):
       python -m rsa_mlx.train --model M --data D --risk cvar --iters 200
       python -m rsa_mlx.train --adapter-path runs/x --resume
     """
-    from rsa_mlx.data import DataError
-    from rsa_mlx.trainer import TrainingError
+    from rsa_mlx.errors import RsaMlxError
 
     try:
         run(options)
-    except (ConfigError, DataError, TrainingError, FileNotFoundError, ValueError) as e:
+    except (RsaMlxError, OSError) as e:
         if os.environ.get("RSA_MLX_DEBUG"):
             raise
         fail(str(e))

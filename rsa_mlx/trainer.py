@@ -24,6 +24,7 @@ import yaml
 from mlx.utils import tree_flatten
 
 from rsa_mlx import adapters
+from rsa_mlx.atomic import save_json, save_text
 from rsa_mlx.checkpoint import (
     Progress,
     TrainingError,
@@ -392,7 +393,7 @@ def default_run_dir(cfg: TrainConfig) -> Path:
 
 
 def write_run(run_dir: Path, run: dict) -> None:
-    adapters.save_json(run_dir / RUN_FILE, run)
+    save_json(run_dir / RUN_FILE, run)
 
 
 def train(
@@ -418,7 +419,7 @@ def train(
     datasets = {stage: prepare_data(cfg, stage, tokenizer) for stage in cfg.stage_names}
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = yaml.safe_dump({**cfg.to_dict(), "resume": False}, sort_keys=False)
-    adapters.save_text(run_dir / "config.yaml", settings)
+    save_text(run_dir / "config.yaml", settings)
     if reporter is None:
         from mlx_lm.tuner.callbacks import get_reporting_callbacks
 
