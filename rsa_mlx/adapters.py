@@ -58,14 +58,23 @@ class LoRAConfig:
     ``scale`` multiplies the update directly (mlx-lm convention, not
     ``alpha / rank``). ``num_layers = -1`` adapts every block; ``keys`` picks
     module paths inside a block (e.g. ``["self_attn.q_proj"]``), default all
-    linear layers.
+    linear layers. These are the one source of the LoRA defaults.
     """
 
-    rank: int = 8
-    scale: float = 20.0
-    dropout: float = 0.0
+    rank: int = field(default=8, metadata={"help": "LoRA rank."})
+    scale: float = field(
+        default=20.0, metadata={"help": "LoRA scale (multiplies the update)."}
+    )
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     num_layers: int = 16
-    keys: list[str] | None = field(default=None)
+    keys: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated module paths in a block, e.g. "
+            "self_attn.q_proj,self_attn.v_proj.",
+            "default_text": "all linear layers",
+        },
+    )
 
     def lora_parameters(self) -> dict:
         params = {"rank": self.rank, "scale": self.scale, "dropout": self.dropout}
@@ -229,13 +238,13 @@ def read_config(folder: Path) -> dict:
 
 
 def config_from_file(config: dict) -> LoRAConfig:
-    params = config.get("lora_parameters", {})
+    """The :class:`LoRAConfig` of an ``adapter_config.json`` (mlx-lm's
+    defaults for what it leaves out)."""
+    params = config.get("lora_parameters") or {}
+    known = {"rank", "scale", "dropout", "keys"}
     return LoRAConfig(
-        rank=params.get("rank", 8),
-        scale=params.get("scale", 20.0),
-        dropout=params.get("dropout", 0.0),
-        num_layers=config.get("num_layers", 16),
-        keys=params.get("keys"),
+        **{k: v for k, v in params.items() if k in known},
+        num_layers=config.get("num_layers", LoRAConfig.num_layers),
     )
 
 

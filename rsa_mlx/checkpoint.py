@@ -25,12 +25,9 @@ CHECKPOINTS = "checkpoints"
 
 
 def config_hash(cfg: TrainConfig, stage: str) -> str:
-    """Hash of everything that makes a checkpoint's continuation meaningful."""
-    keys = ["model", "loss", "risk", "mu", "alpha", "beta", "lam", "safety_beta"]
-    keys += ["num_layers", "lora_parameters", "batch_size", "grad_accumulation_steps"]
-    keys += ["learning_rate", "warmup", "weight_decay", "max_seq_length", "seed"]
-    data = {k: getattr(cfg, k) for k in keys}
-    data["stage"], data["data"] = stage, cfg.stage_data(stage)
+    """Hash of every setting that changes what the stage computes
+    (:meth:`TrainConfig.result_settings`), the stage and its data."""
+    data = {**cfg.result_settings(), "stage": stage, "data": cfg.stage_data(stage)}
     blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

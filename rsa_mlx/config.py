@@ -1,13 +1,18 @@
-"""Training configuration: every default in one place.
+"""Training configuration: every setting, its default and its help, in one place.
 
 Values resolve as command line > YAML config (``-c``) > the defaults below,
 as in mlx-lm: flags default to ``None`` and only values that were given
 override. YAML keys use the field names (``batch_size``, ``lora_parameters``).
+The command-line options of ``python -m rsa_mlx.train`` / ``rsa-mlx align``
+are generated from these fields (:func:`rsa_mlx.train.train_options`), so a
+default or a help text is written once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +26,16 @@ from rsa_mlx.risk import MEASURES, resolve_mu
 
 STAGE_CHOICES = ("both", "reward", "safety")
 ORDER_CHOICES = ("reward-first", "safety-first")
+_LORA = LoRAConfig()
+
+
+def setting(default=None, help: str = "", *, factory=None, **meta):
+    """A config field with its help text (and, for the CLI: ``choices``,
+    ``default_text``, ``cli=False`` to leave it off the command line)."""
+    meta["help"] = help
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -28,50 +43,84 @@ class TrainConfig:
     """All settings of ``python -m rsa_mlx.train`` / ``rsa-mlx align``."""
 
     # model and data
-    model: str | None = None  # local folder or HF id; None: the bundled demo
-    data: str | None = None  # one source for both stages (PKU-SafeRLHF rows)
-    reward_data: str | None = None  # helpfulness pairs (stage "reward")
-    safety_data: str | None = None  # safety pairs (stage "safety")
-    stages: str = "both"  # both | reward | safety
-    order: str = "reward-first"  # reward-first | safety-first (SACPO)
+    model: str | None = setting(
+        None,
+        "Base model: local mlx-lm folder or Hugging Face id.",
+        default_text="the bundled demo",
+    )
+    data: str | None = setting(
+        None,
+        "Data for both stages (PKU-SafeRLHF rows, or a folder with reward/ and "
+        "safety/): file, folder or HF dataset id.",
+    )
+    reward_data: str | None = setting(None, "Helpfulness pairs for the reward stage.")
+    safety_data: str | None = setting(None, "Safety pairs for the safety stage.")
+    stages: str = setting("both", "Stages to train.", choices=STAGE_CHOICES)
+    order: str = setting(
+        "reward-first", "Stage order when training both.", choices=ORDER_CHOICES
+    )
     # method (SPEC §3-§4)
-    loss: str = "variant2"  # dpo | variant1 | variant2
-    risk: str = "cvar"  # kl | cvar | erm | truncated
-    mu: float | None = None  # risk level; None: 0.95 (cvar), 5 (erm)
-    alpha: float = 0.5
-    beta: float = 0.1  # reward-stage temperature
-    lam: float = 4.0  # safety-stage temperature is beta / lam ...
-    safety_beta: float | None = None  # ... unless set directly
-    merge: float = 1.0  # P-SACPO merge ratio q of the final model
-    length_normalize: bool = False
-    # LoRA (mlx-lm spellings)
-    num_layers: int = 16
-    lora_parameters: dict = field(
-        default_factory=lambda: {"rank": 8, "scale": 20.0, "dropout": 0.0}
+    loss: str = setting(
+        "variant2", "dpo, variant1 (TDPO1/Ra-DPO1) or variant2.", choices=LOSSES
+    )
+    risk: str = setting("cvar", "Token-level risk measure.", choices=MEASURES)
+    mu: float | None = setting(
+        None,
+        "Risk level (not for kl).",
+        default_text="0.95 for cvar and truncated, 5 for erm",
+    )
+    alpha: float = setting(0.5, "variant2's weight of the risk difference.")
+    beta: float = setting(0.1, "Reward-stage temperature.")
+    lam: float = setting(4.0, "Safety-stage temperature is beta/lam (SACPO).")
+    safety_beta: float | None = setting(
+        None, "Safety-stage temperature, directly.", default_text="beta/lam"
+    )
+    merge: float = setting(1.0, "Merge ratio q of the final model, W1 + q dW2.")
+    length_normalize: bool = setting(False, "Divide sequence sums by response length.")
+    # LoRA (mlx-lm spellings; --lora-* flags fill lora_parameters)
+    num_layers: int = setting(_LORA.num_layers, "Blocks to adapt, -1 for all.")
+    lora_parameters: dict = setting(
+        help="LoRA rank, scale, dropout and keys.",
+        factory=_LORA.lora_parameters,
+        cli=False,
     )
     # optimisation
-    iters: int | None = None  # batches per stage; default: one epoch
-    epochs: float | None = None
-    batch_size: int = 4  # preference pairs per batch
-    grad_accumulation_steps: int = 1
-    learning_rate: float = 1e-5
-    warmup: float = 0.1  # fraction of updates if < 1, else a number of updates
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_seq_length: int = 1024
-    grad_checkpoint: bool = False
-    compile: bool = True
+    iters: int | None = setting(None, "Batches per stage.", default_text="one epoch")
+    epochs: float | None = setting(None, "Epochs per stage (instead of --iters).")
+    batch_size: int = setting(4, "Preference pairs per batch.")
+    grad_accumulation_steps: int = setting(1, "Batches per optimizer update.")
+    learning_rate: float = setting(1e-5, "AdamW learning rate (cosine decay).")
+    warmup: float = setting(
+        0.1, "Linear warm-up: a fraction of the updates if < 1, else updates."
+    )
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm; 0: none.")
+    max_seq_length: int = setting(1024, "Longest prompt + response in tokens.")
+    grad_checkpoint: bool = setting(
+        False, "Recompute activations in the backward to save memory."
+    )
+    compile: bool = setting(True, "mx.compile the training step.")
     # run folder, reporting, checkpoints
-    adapter_path: str | None = None  # run folder; default runs/<time>-<method>
-    steps_per_report: int = 10
-    steps_per_eval: int = 100  # 0: only at the end
-    val_batches: int = -1  # -1: the whole validation split
-    save_every: int = 100  # optimizer updates between checkpoints; 0: none
-    keep_checkpoints: int = 2
-    report_to: str | None = None  # wandb, swanlab (mlx-lm callbacks)
-    project_name: str | None = None
-    resume: bool = False
-    seed: int = 0
+    adapter_path: str | None = setting(
+        None, "Run folder.", default_text="runs/<time>-<method>"
+    )
+    steps_per_report: int = setting(10, "Iterations between progress reports.")
+    steps_per_eval: int = setting(
+        100, "Iterations between validations; 0: only at the end."
+    )
+    val_batches: int = setting(
+        -1, "Validation batches; -1: the whole split, 0: no validation."
+    )
+    save_every: int = setting(
+        100, "Iterations between checkpoints; 0: none (Ctrl-C still saves)."
+    )
+    keep_checkpoints: int = setting(2, "Checkpoints kept per stage.")
+    report_to: str | None = setting(None, "wandb and/or swanlab (comma-separated).")
+    project_name: str | None = setting(None, "Project name for --report-to.")
+    resume: bool = setting(
+        False, "Continue the run in --adapter-path from its last checkpoint."
+    )
+    seed: int = setting(0, "Seed of adapter init, dropout and batch order.")
 
     # ---------------------------------------------------------------- derived
     @property
@@ -101,14 +150,7 @@ class TrainConfig:
 
     @property
     def lora(self) -> LoRAConfig:
-        params = self.lora_parameters
-        return LoRAConfig(
-            rank=int(params.get("rank", 8)),
-            scale=float(params.get("scale", 20.0)),
-            dropout=float(params.get("dropout", 0.0)),
-            num_layers=self.num_layers,
-            keys=params.get("keys"),
-        )
+        return LoRAConfig(**self.lora_parameters, num_layers=self.num_layers)
 
     def method_name(self) -> str:
         mu = resolve_mu(self.risk, self.mu)
@@ -118,61 +160,130 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def result_settings(self) -> dict:
+        """The settings that change what training computes (see RESULT_FREE)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RESULT_FREE}
+
+    def with_resolved_paths(self) -> TrainConfig:
+        """Local model and data paths made absolute (hub ids stay ids), so
+        a run folder works from any directory."""
+        changes = {}
+        for key in ("model", "data", "reward_data", "safety_data"):
+            value = getattr(self, key)
+            if value is not None and Path(value).expanduser().exists():
+                changes[key] = str(Path(value).expanduser().resolve())
+        return dataclasses.replace(self, **changes)
+
     # ------------------------------------------------------------- validation
     def check(self) -> TrainConfig:
-        def choice(key, options):
-            if getattr(self, key) not in options:
+        """Check every value; raise :class:`ConfigError` naming the first bad one."""
+        for f in dataclasses.fields(self):
+            options = f.metadata.get("choices")
+            if options and getattr(self, f.name) not in options:
                 raise ConfigError(
-                    f"{key}: {getattr(self, key)!r} is not one of {', '.join(options)}"
+                    f"{f.name}: {getattr(self, f.name)!r} is not one of "
+                    f"{', '.join(options)}"
                 )
-
-        choice("stages", STAGE_CHOICES)
-        choice("order", ORDER_CHOICES)
-        choice("loss", LOSSES)
-        choice("risk", MEASURES)
+        if self.risk == "kl" and self.mu is not None:
+            raise ConfigError(
+                "mu: the kl measure has no level; drop --mu, or choose "
+                "--risk cvar, erm or truncated"
+            )
         try:
             resolve_mu(self.risk, self.mu)
         except ValueError as e:
             raise ConfigError(f"mu: {e}") from None
-        positive = [
-            "beta",
-            "lam",
-            "batch_size",
-            "grad_accumulation_steps",
-            "learning_rate",
-        ]
-        positive += ["max_seq_length", "steps_per_report"]
-        for key in positive:
-            if not getattr(self, key) > 0:
-                raise ConfigError(
-                    f"{key}: must be positive, got {getattr(self, key)!r}"
-                )
-        if self.safety_beta is not None and not self.safety_beta > 0:
-            raise ConfigError(
-                f"safety_beta: must be positive, got {self.safety_beta!r}"
-            )
+        for key in ("beta", "lam", "batch_size", "grad_accumulation_steps"):
+            _positive(key, getattr(self, key))
+        for key in ("learning_rate", "max_seq_length", "steps_per_report"):
+            _positive(key, getattr(self, key))
+        for key in ("alpha", "weight_decay", "max_grad_norm", "warmup"):
+            _at_least(key, getattr(self, key), 0)
+        for key in ("steps_per_eval", "save_every"):
+            _at_least(key, getattr(self, key), 0)
+        _at_least("keep_checkpoints", self.keep_checkpoints, 1)
+        _at_least("val_batches", self.val_batches, -1)
+        if self.safety_beta is not None:
+            _positive("safety_beta", self.safety_beta)
         if not 0.0 <= self.merge <= 1.0:
             raise ConfigError(
                 f"merge: the merge ratio q must be in [0, 1], got {self.merge}"
             )
         if self.iters is not None and self.iters < 1:
             raise ConfigError(f"iters: must be at least 1, got {self.iters}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ConfigError(f"epochs: must be positive, got {self.epochs}")
+        if self.epochs is not None:
+            _positive("epochs", self.epochs)
         if self.iters is not None and self.epochs is not None:
             raise ConfigError("iters and epochs: give one of them, not both")
+        if self.num_layers == 0 or self.num_layers < -1:
+            raise ConfigError(
+                f"num_layers: must be -1 (all) or at least 1, got {self.num_layers}"
+            )
+        self._check_lora()
+        return self
+
+    def _check_lora(self) -> None:
         params = self.lora_parameters
-        if unknown := set(params) - {"rank", "scale", "dropout", "keys"}:
+        known = {f.name for f in dataclasses.fields(LoRAConfig)} - {"num_layers"}
+        if unknown := set(params) - known:
             hint = (
                 " (mlx-lm's LoRA uses scale, not alpha)" if "alpha" in unknown else ""
             )
             raise ConfigError(
                 f"lora_parameters: unknown key {sorted(unknown)[0]!r}{hint}"
             )
-        return self
+        rank, scale = params.get("rank", _LORA.rank), params.get("scale", _LORA.scale)
+        dropout = params.get("dropout", _LORA.dropout)
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ConfigError(f"lora rank: must be an integer >= 1, got {rank!r}")
+        if not _number(scale) or not math.isfinite(scale):
+            raise ConfigError(f"lora scale: must be a finite number, got {scale!r}")
+        if not _number(dropout) or not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"lora dropout: must be in [0, 1), got {dropout!r}")
+        keys = params.get("keys")
+        if keys is not None and (
+            not isinstance(keys, list)
+            or not keys
+            or not all(isinstance(k, str) and k for k in keys)
+        ):
+            raise ConfigError(
+                f"lora keys: must be a non-empty list of module paths, got {keys!r}"
+            )
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# Settings that do not change what a run computes: resume may change them.
+RESULT_FREE = frozenset(
+    {
+        "adapter_path",
+        "resume",
+        "compile",
+        "grad_checkpoint",
+        "steps_per_report",
+        "steps_per_eval",
+        "val_batches",
+        "save_every",
+        "keep_checkpoints",
+        "report_to",
+        "project_name",
+    }
+)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive(key: str, value) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key}: must be positive, got {value!r}")
+
+
+def _at_least(key: str, value, low) -> None:
+    if not value >= low:
+        raise ConfigError(f"{key}: must be at least {low}, got {value!r}")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 _ACCEPT = {
@@ -184,15 +295,20 @@ _ACCEPT = {
 }
 
 
+def field_type(key: str) -> type:
+    """The field's type without ``None`` (``float | None`` -> ``float``)."""
+    hint = typing.get_type_hints(TrainConfig)[key]
+    return next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+
+
 def _check_type(key: str, value):
     """Coerce ``value`` to the field's type, or raise a one-line error."""
     hint = typing.get_type_hints(TrainConfig)[key]
-    args = typing.get_args(hint)
     if value is None:
-        if type(None) in args:
+        if type(None) in typing.get_args(hint):
             return None
         raise ConfigError(f"{key}: must not be null")
-    base = next((a for a in args if a is not type(None)), hint)
+    base = field_type(key)
     if not isinstance(value, _ACCEPT[base]) or (
         base is not bool and isinstance(value, bool)
     ):
@@ -200,14 +316,35 @@ def _check_type(key: str, value):
     return float(value) if base is float else str(value) if base is str else value
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML reads ``1e-5`` as a string (YAML 1.1 wants ``1.0e-5``); like
+    mlx-lm's config loader, read every float spelling as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML config; unknown keys are errors (not silently ignored)."""
     path = Path(path)
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, _Loader) or {}
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        raise ConfigError(f"{str(path)!r}: no such config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{str(path)!r}: not UTF-8 text") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -216,30 +353,37 @@ def load_yaml(path: str | Path) -> dict:
             f"{path}{line}: malformed YAML" + (f" ({problem})" if problem else "")
         ) from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings")
+        raise ConfigError(f"{str(path)!r}: expected a mapping of settings")
     for key in data:
-        if key not in _FIELDS:
-            raise ConfigError(f"{path}: unknown setting {key!r}")
+        if key not in FIELDS:
+            raise ConfigError(f"{str(path)!r}: unknown setting {key!r}")
     return data
 
 
 def resolve(
-    cli: dict | None = None, yaml_path: str | Path | None = None
+    cli: dict | None = None,
+    yaml_path: str | Path | None = None,
+    base: dict | None = None,
 ) -> TrainConfig:
-    """Defaults < YAML < command line (``None`` on the command line = not given)."""
-    layers = [load_yaml(yaml_path) if yaml_path is not None else {}]
+    """Defaults < ``base`` < YAML < command line (``None`` = not given)."""
+    layers = [base or {}, load_yaml(yaml_path) if yaml_path is not None else {}]
     layers.append({k: v for k, v in (cli or {}).items() if v is not None})
     merged: dict = {}
     for layer in layers:
         for key, value in layer.items():
             if key == "lora_parameters" and isinstance(value, dict):
                 # partial LoRA settings fill in the rest from lower layers
-                base = merged.get(key) or _FIELDS[key].default_factory()
-                value = {**base, **value}
+                value = {**(merged.get(key) or FIELDS[key].default_factory()), **value}
             merged[key] = value
     values = {}
     for key, value in merged.items():
-        if key not in _FIELDS:
+        if key not in FIELDS:
             raise ConfigError(f"unknown setting {key!r}")
         values[key] = _check_type(key, value)
     return TrainConfig(**values).check()
+
+
+def differences(saved: TrainConfig, given: TrainConfig) -> list[str]:
+    """``key: saved -> given`` for every result-changing setting that differs."""
+    a, b = saved.result_settings(), given.result_settings()
+    return [f"{k} {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]

@@ -7,15 +7,19 @@ evaluated side by side (see :mod:`rsa_mlx.demo`).
 Examples::
 
     python -m rsa_mlx.train                               # the bundled demo
-    python -m rsa_mlx.train --quick                       # the demo, in ~2 minutes
+    python -m rsa_mlx.train --quick                       # the demo, in ~1 minute
     python -m rsa_mlx.train --model Qwen/Qwen2.5-0.5B-Instruct \\
         --data PKU-Alignment/PKU-SafeRLHF-30K --risk cvar --mu 0.95 --iters 200
     python -m rsa_mlx.train -c config.yaml --learning-rate 2e-5
     python -m rsa_mlx.train --adapter-path runs/my-run --resume
+
+The options are generated from :class:`rsa_mlx.config.TrainConfig`, where
+every default and help text is written once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -23,139 +27,69 @@ from pathlib import Path
 import click
 
 from rsa_mlx.adapters import LoRAConfig
-from rsa_mlx.config import ORDER_CHOICES, STAGE_CHOICES, ConfigError, resolve
-from rsa_mlx.losses import LOSSES
-from rsa_mlx.risk import MEASURES
+from rsa_mlx.config import FIELDS, TrainConfig, field_type, resolve
+from rsa_mlx.errors import ConfigError, quote
 
-_LORA_DEFAULTS = LoRAConfig()
+_CLICK_TYPES = {int: int, float: float, str: str}
+_LORA_FLAGS = ("rank", "scale", "dropout", "keys")  # --lora-<name>
 
-TRAIN_OPTIONS = [
-    click.option(
-        "-c",
-        "--config",
-        "config_file",
-        type=click.Path(dir_okay=False),
-        help="YAML config; command-line flags override it.",
-    ),
-    click.option("--model", help="Base model: local mlx-lm folder or Hugging Face id."),
-    click.option(
-        "--data",
-        help="Data for both stages (PKU-SafeRLHF rows, or a folder "
-        "with reward/ and safety/): file, folder or HF dataset id.",
-    ),
-    click.option("--reward-data", help="Helpfulness pairs for the reward stage."),
-    click.option("--safety-data", help="Safety pairs for the safety stage."),
-    click.option(
-        "--stages",
-        type=click.Choice(STAGE_CHOICES),
-        help="Stages to train [default: both].",
-    ),
-    click.option(
-        "--order",
-        type=click.Choice(ORDER_CHOICES),
-        help="Stage order when training both [default: reward-first].",
-    ),
-    click.option(
-        "--loss",
-        type=click.Choice(LOSSES),
-        help="dpo, variant1 (TDPO1/Ra-DPO1) or variant2 [default: variant2].",
-    ),
-    click.option(
-        "--risk",
-        type=click.Choice(MEASURES),
-        help="Token-level risk measure [default: cvar].",
-    ),
-    click.option(
-        "--mu", type=float, help="Risk level [default: 0.95 for cvar, 5 for erm]."
-    ),
-    click.option("--alpha", type=float, help="variant2's alpha [default: 0.5]."),
-    click.option("--beta", type=float, help="Reward-stage temperature [default: 0.1]."),
-    click.option(
-        "--lam",
-        type=float,
-        help="Safety-stage temperature is beta/lam (SACPO) [default: 4].",
-    ),
-    click.option(
-        "--safety-beta", type=float, help="Safety-stage temperature, directly."
-    ),
-    click.option(
-        "--merge",
-        type=float,
-        help="Merge ratio q of the final model, W1 + q dW2 [default: 1].",
-    ),
-    click.option(
-        "--length-normalize/--no-length-normalize",
-        default=None,
-        help="Divide sequence sums by response length [default: off].",
-    ),
-    click.option(
-        "--num-layers",
-        type=int,
-        help=f"Blocks to adapt, -1 for all [default: {_LORA_DEFAULTS.num_layers}].",
-    ),
-    click.option("--lora-rank", type=int, help=f"[default: {_LORA_DEFAULTS.rank}]"),
-    click.option(
-        "--lora-scale", type=float, help=f"[default: {_LORA_DEFAULTS.scale:g}]"
-    ),
-    click.option("--lora-dropout", type=float, help="[default: 0]"),
-    click.option(
-        "--lora-keys",
-        help="Comma-separated module paths in a block, "
-        "e.g. self_attn.q_proj,self_attn.v_proj [default: all linear].",
-    ),
-    click.option("--iters", type=int, help="Batches per stage [default: one epoch]."),
-    click.option("--epochs", type=float, help="Epochs per stage."),
-    click.option(
-        "--batch-size", type=int, help="Preference pairs per batch [default: 4]."
-    ),
-    click.option("--grad-accumulation-steps", type=int, help="[default: 1]"),
-    click.option("--learning-rate", type=float, help="[default: 1e-5]"),
-    click.option(
-        "--warmup",
-        type=float,
-        help="Warmup: fraction of updates if < 1, else updates [default: 0.1].",
-    ),
-    click.option("--weight-decay", type=float, help="AdamW weight decay [default: 0]."),
-    click.option("--max-grad-norm", type=float, help="Gradient clipping [default: 1]."),
-    click.option("--max-seq-length", type=int, help="[default: 1024]"),
-    click.option(
-        "--grad-checkpoint/--no-grad-checkpoint",
-        default=None,
-        help="Recompute activations in the backward to save memory.",
-    ),
-    click.option(
-        "--compile/--no-compile",
-        default=None,
-        help="mx.compile the training step [default: on].",
-    ),
-    click.option("--adapter-path", help="Run folder [default: runs/<time>-<method>]."),
-    click.option("--steps-per-report", type=int, help="[default: 10]"),
-    click.option("--steps-per-eval", type=int, help="[default: 100; 0: at the end]"),
-    click.option("--val-batches", type=int, help="[default: -1, all]"),
-    click.option(
-        "--save-every", type=int, help="Checkpoint every N iterations [default: 100]."
-    ),
-    click.option("--keep-checkpoints", type=int, help="[default: 2]"),
-    click.option("--report-to", help="wandb and/or swanlab (comma-separated)."),
-    click.option("--project-name", help="Project name for --report-to."),
-    click.option(
-        "--resume/--no-resume",
-        default=None,
-        help="Continue the run in --adapter-path from its last checkpoint.",
-    ),
-    click.option("--seed", type=int, help="[default: 0]"),
-]
+
+def _default_text(f: dataclasses.Field, default) -> str:
+    if "default_text" in f.metadata:
+        return f.metadata["default_text"]
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
+def _option(name: str, f: dataclasses.Field, default):
+    """A click option for a config field; ``None`` when not given."""
+    flag = "--" + name.replace("_", "-")
+    help_ = f.metadata["help"]
+    if default is not None or "default_text" in f.metadata:
+        help_ += f" [default: {_default_text(f, default)}]"
+    kind = field_type(f.name) if f.name in FIELDS else f.type
+    if kind is bool or kind == "bool":
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_)
+    if "choices" in f.metadata:
+        kind = click.Choice(f.metadata["choices"])
+    else:
+        kind = _CLICK_TYPES.get(kind, {"int": int, "float": float}.get(kind, str))
+    return click.option(flag, name, type=kind, default=None, help=help_)
+
+
+def _options() -> list:
+    options = [
+        click.option(
+            "-c",
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False),
+            help="YAML config; command-line flags override it.",
+        )
+    ]
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("cli", True):
+            options.append(_option(f.name, f, getattr(defaults, f.name)))
+        if f.name == "num_layers":  # the LoRA flags next to --num-layers
+            lora = {g.name: g for g in dataclasses.fields(LoRAConfig)}
+            for key in _LORA_FLAGS:
+                g = lora[key]
+                options.append(_option(f"lora_{key}", g, g.default))
+    return options
+
 
 DEMO_OPTIONS = [
     click.option(
-        "--quick", is_flag=True, help="Demo only: a small budget (~2 minutes)."
+        "--quick", is_flag=True, help="Demo only: a small budget (about a minute)."
     ),
     click.option("--methods", help="Demo only: comma-separated methods to compare."),
 ]
 
 
 def train_options(fn):
-    for option in reversed(TRAIN_OPTIONS + DEMO_OPTIONS):
+    for option in reversed(_options() + DEMO_OPTIONS):
         fn = option(fn)
     return fn
 
@@ -163,12 +97,7 @@ def train_options(fn):
 def cli_settings(options: dict) -> dict:
     """Command-line values as config keys (``None`` = not given)."""
     settings = dict(options)
-    lora = {
-        "rank": settings.pop("lora_rank", None),
-        "scale": settings.pop("lora_scale", None),
-        "dropout": settings.pop("lora_dropout", None),
-        "keys": settings.pop("lora_keys", None),
-    }
+    lora = {k: settings.pop(f"lora_{k}", None) for k in _LORA_FLAGS}
     if lora["keys"] is not None:
         lora["keys"] = [k.strip() for k in lora["keys"].split(",") if k.strip()]
     settings["lora_parameters"] = {
@@ -177,16 +106,37 @@ def cli_settings(options: dict) -> dict:
     return settings
 
 
+def resume_config(settings: dict, config_file: str | None) -> TrainConfig:
+    """The settings of the run to resume, with the command line on top.
+
+    Refused, before anything is written, when there is nothing to resume or
+    when a setting that changes the result differs from the saved one.
+    """
+    if not settings.get("adapter_path"):
+        raise ConfigError("--resume needs --adapter-path, the run folder to continue")
+    run_dir = Path(settings["adapter_path"])
+    saved_file = run_dir / "config.yaml"
+    if not (run_dir / "run.json").exists() or not saved_file.exists():
+        raise ConfigError(
+            f"nothing to resume in {quote(run_dir)}: no run.json and config.yaml "
+            "(is --adapter-path the run folder?)"
+        )
+    from rsa_mlx.config import load_yaml
+
+    # the saved settings are the base; trainer.train refuses changed results
+    return resolve(settings, config_file, base=load_yaml(saved_file))
+
+
 def run(options: dict) -> None:
     """Resolve the settings and train, or run the demo when no model is set."""
     options = dict(options)
     config_file = options.pop("config_file", None)
     quick, methods = options.pop("quick", False), options.pop("methods", None)
     settings = cli_settings(options)
-    if settings.get("resume") and settings.get("adapter_path") and config_file is None:
-        saved = Path(settings["adapter_path"]) / "config.yaml"
-        config_file = saved if saved.exists() else None
-    cfg = resolve(settings, config_file)
+    if settings.get("resume"):
+        cfg = resume_config(settings, config_file)
+    else:
+        cfg = resolve(settings, config_file)
     if cfg.model is None:
         from rsa_mlx import demo
 
@@ -199,9 +149,22 @@ def run(options: dict) -> None:
     train(cfg)
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = 2) -> None:
     click.echo(f"error: {message}", err=True)
-    sys.exit(2)
+    sys.exit(code)
+
+
+def blas_note() -> str | None:
+    """One line when MLX runs on its slow bundled reference BLAS (Linux)."""
+    from rsa_mlx import _blas
+
+    status = _blas.STATUS
+    if not sys.platform.startswith("linux") or status.loaded:
+        return None
+    return (
+        "note: MLX is using its bundled reference BLAS, about 10x slower "
+        f"({status.reason}). Fix: sudo apt-get install libopenblas0-pthread"
+    )
 
 
 @click.command(
@@ -217,14 +180,20 @@ def main(**options):
     \b
     Examples:
       python -m rsa_mlx.train                       # bundled demo, offline
-      python -m rsa_mlx.train --quick               # the demo in about 2 minutes
+      python -m rsa_mlx.train --quick               # the demo in about a minute
       python -m rsa_mlx.train --model M --data D --risk cvar --iters 200
       python -m rsa_mlx.train --adapter-path runs/x --resume
     """
     from rsa_mlx.errors import RsaMlxError
+    from rsa_mlx.trainer import Interrupted
 
+    if note := blas_note():
+        click.echo(note, err=True)
     try:
         run(options)
+    except Interrupted as e:
+        click.echo(str(e), err=True)
+        sys.exit(128 + e.signum)
     except (RsaMlxError, OSError) as e:
         if os.environ.get("RSA_MLX_DEBUG"):
             raise

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -12,7 +14,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import load as mlx_load
 from mlx_lm.utils import quantize_model
 
-from rsa_mlx import adapters, config, data, trainer
+from rsa_mlx import adapters, config, data, loop, trainer
 from rsa_mlx.losses import LOSSES
 from rsa_mlx.model import ResponseLogits, load
 from rsa_mlx.risk import MEASURES
@@ -225,7 +227,8 @@ def losses_of(run_dir):
 
 
 class Interrupt(trainer.Reporter):
-    """A reporter that stops the run, like Ctrl-C, after a given iteration."""
+    """A reporter that kills the run at once (an uncaught KeyboardInterrupt,
+    like a crash or SIGKILL) after a given iteration."""
 
     def __init__(self, run_dir, stage, at):
         super().__init__(run_dir)
@@ -234,6 +237,26 @@ class Interrupt(trainer.Reporter):
     def tick(self, stage, it, iters, seconds):
         if (stage, it) == self.stop:
             raise KeyboardInterrupt
+
+
+class Signal(trainer.Reporter):
+    """A reporter that sends this process a real signal after an iteration."""
+
+    def __init__(self, run_dir, stage, at, signum):
+        super().__init__(run_dir)
+        self.stop, self.signum = (stage, at), signum
+
+    def tick(self, stage, it, iters, seconds):
+        if (stage, it) == self.stop:
+            os.kill(os.getpid(), self.signum)
+
+
+def train_rows(run_dir):
+    return [
+        (e["stage"], e["iteration"])
+        for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if e["kind"] == "train"
+    ]
 
 
 @pytest.mark.parametrize(("stage", "at"), [("reward", 5), ("safety", 3)])
@@ -249,16 +272,111 @@ def test_interrupted_and_resumed_run_reproduces_losses(tiny, tmp_path, stage, at
     )
     trainer.train(resumed)
     want = losses_of(full)
-    got = {(s, i): loss for s, i, loss in losses_of(cut)}  # later entries win
-    assert [(s, i) for s, i, _ in want] == sorted(
-        got, key=lambda k: (k[0] != "reward", k[1])
-    )
-    assert all(got[s, i] == loss for s, i, loss in want), (want, got)
+    # every iteration is in metrics.jsonl once: the killed attempt's rows
+    # after the checkpoint are gone
+    assert train_rows(cut) == [(s, i) for s, i, _ in want]
+    assert losses_of(cut) == want
     # the adapters written at the end are identical too
     for name in ("reward", "safety", "final"):
         a = mx.load(str(full / name / "adapters.safetensors"))
         b = mx.load(str(cut / name / "adapters.safetensors"))
         assert all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("signum", "stage", "at"),
+    [(signal.SIGINT, "reward", 3), (signal.SIGTERM, "safety", 5)],
+)
+def test_signal_saves_a_checkpoint_and_resume_loses_nothing(
+    tiny, tmp_path, signum, stage, at
+):
+    full = tmp_path / "full"
+    trainer.train(cfg_for(tiny, full, save_every=0))
+    cut = tmp_path / "cut"
+    with pytest.raises(trainer.Interrupted) as err:
+        trainer.train(
+            cfg_for(tiny, cut, save_every=0), reporter=Signal(cut, stage, at, signum)
+        )
+    stop = err.value
+    assert stop.signum == signum and stop.iteration == at
+    assert stop.checkpoint == cut / stage / "checkpoints" / f"step_{at:07d}"
+    assert f"--adapter-path {cut} --resume" in str(stop)
+    # the handlers are restored once training returns
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    trainer.train(
+        config.resolve({"adapter_path": str(cut), "resume": True}, cut / "config.yaml")
+    )
+    assert losses_of(cut) == losses_of(full)  # no iteration lost or repeated
+
+
+def test_loop_stops_on_non_finite_loss_and_keeps_last_good_checkpoint():
+    saved, calls = [], []
+
+    class FakeBatch:
+        tokens, index, pairs, real_tokens = np.zeros((2, 4)), np.zeros(4), 1, 8
+
+        def arrays(self):
+            return ()
+
+    def step(arrays, grad, do_update):
+        calls.append(do_update)
+        loss = mx.array(float("nan") if len(calls) == 5 else 0.5)
+        return {"loss": loss, "accuracy": mx.array(1.0), "margins": mx.array(0.0)}, None
+
+    progress = trainer.Progress()
+    plan = loop.Plan("reward", iters=8, steps_per_report=1, save_every=2)
+    with pytest.raises(
+        trainer.TrainingError, match="NaN or infinite at iteration 5"
+    ) as err:
+        loop.loop(
+            plan, step, iter([FakeBatch()] * 8), progress, [],
+            reporter=Silent(), validate=lambda it: {},
+            save=lambda: saved.append(progress.iteration) or f"step_{progress.iteration}",
+            params_finite=lambda: True, learning_rate=lambda: 0.0,
+        )  # fmt: skip
+    assert saved == [2, 4] and "the last good checkpoint is step_4" in str(err.value)
+
+
+def test_loop_checks_the_parameters_before_each_checkpoint():
+    saved = []
+
+    class FakeBatch:
+        tokens, index, pairs, real_tokens = np.zeros((2, 4)), np.zeros(4), 1, 8
+
+        def arrays(self):
+            return ()
+
+    def step(arrays, grad, do_update):
+        return {"loss": mx.array(0.5)}, None
+
+    progress = trainer.Progress()
+    plan = loop.Plan("safety", iters=8, steps_per_report=100, save_every=2)
+    with pytest.raises(trainer.TrainingError, match="at iteration 4") as err:
+        loop.loop(
+            plan, step, iter([FakeBatch()] * 8), progress, [],
+            reporter=Silent(), validate=lambda it: {},
+            save=lambda: saved.append(progress.iteration) or f"step_{progress.iteration}",
+            params_finite=lambda: progress.iteration < 4, learning_rate=lambda: 0.0,
+        )  # fmt: skip
+    assert saved == [2] and "step_2" in str(err.value)
+
+
+class Silent(trainer.Reporter):
+    def __init__(self):
+        self.rows, self.callback = [], None
+
+    def record(self, entry):
+        self.rows.append(entry)
+
+    def note(self, text):
+        pass
+
+
+def test_infinite_gradient_norm_stops_the_run(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = cfg_for(tiny, run_dir, stages="reward", lora_parameters={"scale": 1e30})
+    with pytest.raises(trainer.TrainingError, match="NaN or infinite at iteration 1"):
+        trainer.train(cfg)
 
 
 def test_run_folder_and_loading(tiny, tmp_path):
@@ -303,47 +421,41 @@ def test_existing_run_needs_resume(tiny, tmp_path):
         trainer.train(cfg_for(tiny, tmp_path / "none", resume=True))
 
 
-def test_checkpoint_from_other_settings_is_refused(tiny, tmp_path):
+def test_resume_with_other_settings_is_refused_before_anything_is_written(
+    tiny, tmp_path
+):
     run_dir = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         trainer.train(
             cfg_for(tiny, run_dir, stages="reward"),
             reporter=Interrupt(run_dir, "reward", 3),
         )
-    (run_dir / "run.json").write_text(json.dumps({"stages": []}))
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    changes = {
+        "beta": 0.5,
+        "iters": 7,
+        "length_normalize": True,
+        "max_grad_norm": 2.0,
+        "learning_rate": 2e-3,
+    }
+    for key, value in changes.items():
+        with pytest.raises(config.ConfigError) as err:
+            trainer.train(
+                cfg_for(tiny, run_dir, stages="reward", resume=True, **{key: value})
+            )
+        assert f"with other settings: {key} " in str(err.value)
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before  # config.yaml, metrics, checkpoints untouched
+    # a checkpoint whose settings hash differs is refused too
+    state = run_dir / "reward" / "checkpoints" / "step_0000002" / "state.json"
+    state.write_text(state.read_text().replace('"config_hash": "', '"config_hash": "x'))
     with pytest.raises(trainer.TrainingError, match="other settings"):
-        trainer.train(cfg_for(tiny, run_dir, stages="reward", resume=True, beta=0.5))
-
-
-def test_nan_loss_stops_with_last_good_checkpoint(tiny, tmp_path, monkeypatch):
-    real = trainer.make_step
-
-    def poisoned(*args, **kwargs):
-        step, calls = real(*args, **kwargs), [0]
-
-        def wrapped(batch, grad, do_update):
-            metrics, grad = step(batch, grad, do_update)
-            calls[0] += 1
-            if calls[0] >= 5:
-                metrics = {**metrics, "loss": metrics["loss"] * mx.nan}
-            return metrics, grad
-
-        return wrapped
-
-    monkeypatch.setattr(trainer, "make_step", poisoned)
-    run_dir = tmp_path / "run"
-    with pytest.raises(trainer.TrainingError) as err:
-        trainer.train(cfg_for(tiny, run_dir, stages="reward", save_every=2))
-    message = str(err.value)
-    assert "NaN or infinite at iteration 5" in message
-    assert "step_0000004" in message
-    kept = mx.load(
-        str(
-            run_dir / "reward" / "checkpoints" / "step_0000004" / "adapters.safetensors"
-        )
+        trainer.train(cfg_for(tiny, run_dir, stages="reward", resume=True))
+    # settings that do not change the result may change on resume
+    state.write_text(state.read_text().replace('"config_hash": "x', '"config_hash": "'))
+    trainer.train(
+        cfg_for(tiny, run_dir, stages="reward", resume=True, steps_per_report=3)
     )
-    assert kept and all(np.isfinite(np.array(v)).all() for v in kept.values())
-    assert not (run_dir / "reward" / "checkpoints" / "step_0000006").exists()
 
 
 # ------------------------------------------------------------------- config
