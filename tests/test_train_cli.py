@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 from mlx_lm.utils import load as mlx_load
 
+from rsa_mlx import adapters, config
 from rsa_mlx.cli import main as cli_main
 from rsa_mlx.train import main as train_main
 from tests.tiny import pku_rows, preference_rows, write_jsonl, write_model
@@ -116,6 +118,24 @@ def test_separate_sources_yaml_config_and_order(tiny, tmp_path):
             ["--model", "{model}", "--data", "{pku}", "-c", "/no/config.yaml"],
             "config.yaml",
         ),
+        (["--model", "{model}", "--data", "{pku}", "--lora-dropout", "1.5"], "dropout"),
+        (["--model", "{model}", "--data", "{pku}", "--warmup", "-1"], "warmup"),
+        (["--model", "{model}", "--data", "{pku}", "--lora-rank", "-2"], "lora rank"),
+        (["--model", "{model}", "--data", "{pku}", "--lora-rank", "0"], "lora rank"),
+        (["--model", "{model}", "--data", "{pku}", "--num-layers", "0"], "num_layers"),
+        (
+            ["--model", "{model}", "--data", "{pku}", "--lora-keys", "nonsense"],
+            "'nonsense' is not a linear layer",
+        ),
+        (["--model", "{model}", "--data", "{pku}", "--merge", "2"], "merge"),
+        (["--model", "{model}", "--data", "{pku}", "--alpha", "-1"], "alpha"),
+        (["--model", "{model}", "--data", "{pku}", "--weight-decay", "-1"], "weight"),
+        (["--model", "{model}", "--data", "{pku}", "--steps-per-eval", "-1"], "eval"),
+        (
+            ["--model", "{model}", "--data", "{pku}", "--risk", "kl", "--mu", "0.5"],
+            "the kl measure has no level",
+        ),
+        (["--resume"], "nothing to resume"),
     ],
 )
 def test_bad_input_gives_one_line_and_nonzero_exit(tiny, tmp_path, args, message):
@@ -125,13 +145,89 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tiny, tmp_path, args, message
     fill = {"model": tiny / "model", "pku": tiny / "pku", "bad": bad}
     args = [a.format(**fill) for a in args] + ["--adapter-path", str(tmp_path / "run")]
     result = CliRunner().invoke(train_main, args)
-    assert result.exit_code != 0
+    assert result.exit_code == 2, result.output
     assert message in result.output
-    if result.exit_code == 2 and "Invalid value" not in result.output:
-        lines = [line for line in result.output.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error: ")
-    # nothing half-written: no adapter files for a run that never started
-    assert not list((tmp_path / "run").glob("*/adapters.safetensors"))
+    if "Invalid value" not in result.output:
+        lines = [x for x in result.output.splitlines() if x.strip()]
+        lines = [x for x in lines if not x.startswith("note: MLX is using")]
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    # nothing written at all for a run that never started
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_errors_leave_nothing_behind_so_the_retry_works(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    base = ["--model", str(tiny / "model"), "--data", str(tiny / "pku")]
+    base += ["--iters", "1", "--stages", "reward", "--adapter-path", str(run_dir)]
+    bad = CliRunner().invoke(train_main, [*base, "--lora-keys", "nonsense"])
+    assert bad.exit_code == 2 and not run_dir.exists()
+    good = CliRunner().invoke(train_main, [*base, "--lora-keys", "self_attn.q_proj"])
+    assert good.exit_code == 0, good.output
+
+
+def test_resume_of_a_typo_starts_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(train_main, ["--resume", "--adapter-path", "typo"])
+    assert result.exit_code == 2
+    assert "nothing to resume in 'typo'" in result.output
+    assert list(tmp_path.iterdir()) == []  # no demo started, no typo/data/
+
+
+def test_refused_resume_names_the_settings_and_keeps_the_run(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["--model", str(tiny / "model"), "--data", str(tiny / "pku"), "--iters"]
+    args += ["2", "--stages", "reward", "--adapter-path", str(run_dir)]
+    assert CliRunner().invoke(train_main, args).exit_code == 0
+    saved = (run_dir / "config.yaml").read_bytes()
+    resume = ["--adapter-path", str(run_dir), "--resume"]
+    result = CliRunner().invoke(train_main, [*resume, "--learning-rate", "2e-3"])
+    assert result.exit_code == 2
+    assert "with other settings: learning_rate 1e-05 -> 0.002" in result.output
+    assert (run_dir / "config.yaml").read_bytes() == saved
+    # the saved settings are the base of a resume: nothing to give again
+    again = CliRunner().invoke(train_main, [*resume, "--steps-per-report", "5"])
+    assert again.exit_code == 0, again.output
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_exit_status_and_resume_hint(monkeypatch, tmp_path, signum):
+    from rsa_mlx import train as entry
+    from rsa_mlx.trainer import Interrupted
+
+    checkpoint = tmp_path / "my run" / "reward" / "checkpoints" / "step_0000003"
+
+    def stopped(options):
+        raise Interrupted(signum, "reward", 3, checkpoint)
+
+    monkeypatch.setattr(entry, "run", stopped)
+    result = CliRunner().invoke(train_main, [])
+    assert result.exit_code == 128 + signum  # 130 for Ctrl-C, 143 for SIGTERM
+    assert f"--adapter-path '{tmp_path / 'my run'}' --resume" in result.output
+
+
+def test_bugs_keep_their_traceback(monkeypatch):
+    from rsa_mlx import train as entry
+
+    def bug(options):
+        raise ValueError("a bug, not bad input")
+
+    monkeypatch.setattr(entry, "run", bug)
+    result = CliRunner().invoke(train_main, [])
+    assert result.exit_code == 1 and isinstance(result.exception, ValueError)
+
+
+def test_slow_blas_is_named_once_with_the_fix(monkeypatch):
+    from rsa_mlx import _blas
+    from rsa_mlx import train as entry
+
+    monkeypatch.setattr(entry, "run", lambda options: None)
+    monkeypatch.setattr(_blas.STATUS, "loaded", False)
+    monkeypatch.setattr(entry.sys, "platform", "linux")
+    result = CliRunner().invoke(train_main, [])
+    assert result.output.count("reference BLAS") == 1
+    assert "apt-get install libopenblas0-pthread" in result.output
+    monkeypatch.setattr(_blas.STATUS, "loaded", True)
+    assert "BLAS" not in CliRunner().invoke(train_main, []).output
 
 
 def test_help_lists_mlx_lm_spellings():
@@ -156,3 +252,11 @@ def test_help_lists_mlx_lm_spellings():
         "--merge",
     ):
         assert flag in result.output
+    # every setting is a flag, with the default from TrainConfig
+    for name, f in config.FIELDS.items():
+        if f.metadata.get("cli", True):
+            assert "--" + name.replace("_", "-") in result.output, name
+    assert "--lora-rank INTEGER" in result.output
+    lines = " ".join(result.output.split())
+    assert f"LoRA rank. [default: {adapters.LoRAConfig().rank}]" in lines
+    assert "AdamW learning rate (cosine decay). [default: 1e-05]" in lines

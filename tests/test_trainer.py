@@ -59,15 +59,22 @@ def trainable(model):
 def test_parameters_move_after_one_step(tiny, loss, measure):
     model, layers, optimizer = setup(tiny / "model")
     step = make_step(model, optimizer, layers, Objective(loss, measure))
+    first, second = batches(tiny / "model", count=2)
     before = trainable(model)
-    for batch in batches(tiny / "model", count=2):
-        metrics, _ = step(batch, None, True)
-        mx.eval(model.parameters(), optimizer.state, metrics)
-    after = trainable(model)
+    metrics, _ = step(first, None, True)
+    mx.eval(model.parameters(), optimizer.state, metrics)
+    after_one = trainable(model)
     assert np.isfinite(metrics["loss"].item())
-    # lora_b starts at 0 (policy = reference), so it moves first; lora_a follows
+    # lora_b starts at 0 (policy = reference): the first step's gradient
+    # reaches it; lora_a's is proportional to lora_b, so it learns from step two
+    b_names = [k for k in before if k.endswith("lora_b")]
+    assert len(b_names) == len(before) // 2 > 0
+    for name in b_names:
+        assert not np.array_equal(before[name], after_one[name]), name
+    mx.eval(step(second, None, True), model.parameters())
+    after_two = trainable(model)
     for name in before:
-        assert not np.array_equal(before[name], after[name]), f"{name} did not move"
+        assert not np.array_equal(after_one[name], after_two[name]), name
 
 
 @pytest.mark.parametrize(
@@ -461,6 +468,14 @@ def test_resume_with_other_settings_is_refused_before_anything_is_written(
 # ------------------------------------------------------------------- config
 
 
+def test_yaml_reads_every_float_spelling(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 1e-5\nbeta: 2E-1\nalpha: .5\nmax_grad_norm: 1\n")
+    cfg = config.resolve({}, path)
+    assert cfg.learning_rate == 1e-5 and cfg.beta == 0.2 and cfg.alpha == 0.5
+    assert cfg.max_grad_norm == 1.0
+
+
 def test_precedence_cli_over_yaml_over_defaults(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("beta: 0.3\nrisk: erm\nlora_parameters: {rank: 4}\nbatch_size: 2\n")
@@ -487,6 +502,19 @@ def test_precedence_cli_over_yaml_over_defaults(tmp_path):
         ("lora_parameters: {alpha: 16}\n", "uses scale, not alpha"),
         ("beta: [1\n", "c.yaml:2: malformed YAML"),
         ("iters: 3\nepochs: 1\n", "give one of them"),
+        ("lora_parameters: {rank: 0}\n", "lora rank: must be an integer >= 1"),
+        ("lora_parameters: {rank: -2}\n", "lora rank: must be an integer >= 1"),
+        ("lora_parameters: {dropout: 1.5}\n", "lora dropout: must be in [0, 1)"),
+        ("lora_parameters: {keys: []}\n", "lora keys: must be a non-empty list"),
+        ("num_layers: 0\n", "num_layers: must be -1 (all) or at least 1"),
+        ("warmup: -1\n", "warmup: must be at least 0"),
+        ("alpha: -0.5\n", "alpha: must be at least 0"),
+        ("weight_decay: -1e-2\n", "weight_decay: must be at least 0"),
+        ("steps_per_eval: -1\n", "steps_per_eval: must be at least 0"),
+        ("val_batches: -2\n", "val_batches: must be at least -1"),
+        ("keep_checkpoints: 0\n", "keep_checkpoints: must be at least 1"),
+        ("merge: -0.1\n", "merge: the merge ratio q must be in [0, 1]"),
+        ("risk: kl\nmu: 0.5\n", "mu: the kl measure has no level"),
     ],
 )
 def test_bad_config_values(tmp_path, text, message):
@@ -495,3 +523,154 @@ def test_bad_config_values(tmp_path, text, message):
     with pytest.raises(config.ConfigError) as err:
         config.resolve({}, path)
     assert message in str(err.value)
+
+
+# ---------------------------------------------------- stage-2 reference, dropout
+
+
+def test_stage2_reference_has_no_dropout_in_the_frozen_stage1_adapter(tiny):
+    lora = adapters.LoRAConfig(num_layers=-1, dropout=0.5)
+    model, stage1, _ = setup(tiny / "model", lora=lora)
+    for layer in stage1:  # a trained stage 1: a non-zero update
+        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
+        layer.freeze()
+    tokens, index = batches(tiny / "model", count=1)[0][:2]
+    forward = ResponseLogits(model)
+    model.eval()
+    stage1_policy = np.array(forward(tokens, index))
+    stage2 = adapters.add_adapter(model, lora)
+    trainer.train_mode(model, stage1)
+    assert all(m.training for m in stage2) and not any(m.training for m in stage1)
+    for _ in range(2):  # a fresh dropout mask would differ every call
+        with adapters.disabled(stage2):
+            reference = np.array(forward(tokens, index))
+        assert np.allclose(reference, stage1_policy, atol=1e-5)
+    model.train()  # what the trainer did before: dropout in the reference
+    with adapters.disabled(stage2):
+        assert not np.allclose(np.array(forward(tokens, index)), stage1_policy)
+
+
+def first_rows(run_dir, stage):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return next(r for r in rows if r["stage"] == stage and r["kind"] == "train")
+
+
+class StopBeforeSafety(trainer.Reporter):
+    def note(self, text):
+        super().note(text)
+        if text.startswith("[safety]"):
+            raise KeyboardInterrupt
+
+
+def test_first_stage2_step_with_dropout_has_zero_kl_and_rewards(tiny, tmp_path):
+    lora = {"dropout": 0.1}
+    run_dir = tmp_path / "run"
+    trainer.train(cfg_for(tiny, run_dir, lora_parameters=lora))
+    row = first_rows(run_dir, "safety")  # policy = reference at the first step
+    for key in ("kl/chosen", "kl/rejected", "rewards/chosen", "rewards/rejected"):
+        assert abs(row[key]) < 1e-6, (key, row[key])
+    # the same when stage 2 starts from a resumed run (stage 1 read from disk)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(cfg_for(tiny, cut, lora_parameters=lora), StopBeforeSafety(cut))
+    assert json.loads((cut / "run.json").read_text())["stages"][0]["name"] == "reward"
+    trainer.train(cfg_for(tiny, cut, lora_parameters=lora, resume=True))
+    row = first_rows(cut, "safety")
+    for key in ("kl/chosen", "kl/rejected", "rewards/chosen", "rewards/rejected"):
+        assert abs(row[key]) < 1e-6, (key, row[key])
+    assert losses_of(cut) == losses_of(run_dir)
+
+
+# ------------------------------------------------------- settings of the loop
+
+
+def test_val_batches_limits_validation_and_zero_turns_it_off(tiny, tmp_path):
+    _, tok = mlx_load(str(tiny / "model"))
+    pairs, _ = data.load_pairs(tiny / "data", "reward")
+    sampler = data.BatchSampler(data.encode_pairs(pairs, tok, 128), 2)
+    calls = []
+
+    def evaluate(arrays):
+        calls.append(1)
+        return {"loss": mx.array(1.0)}
+
+    trainer.validate(evaluate, sampler, 3)
+    assert len(calls) == 3
+    calls.clear()
+    trainer.validate(evaluate, sampler, -1)
+    assert len(calls) == len(sampler) == 8
+    run_dir = tmp_path / "run"
+    run = trainer.train(cfg_for(tiny, run_dir, stages="reward", val_batches=0))
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    kinds = {json.loads(x)["kind"] for x in lines}
+    assert kinds == {"train"} and run["stages"][0]["valid"] == {}
+    assert (run_dir / "reward" / "adapters.safetensors").exists()
+
+
+def test_warmup_then_cosine_schedule():
+    cfg = config.resolve({"learning_rate": 1e-3, "warmup": 4})
+    lr = trainer.schedule(cfg, 20)
+    values = [lr(mx.array(i)).item() for i in range(21)]
+    assert values[0] == pytest.approx(1e-3 / 4)
+    # a linear ramp from lr/4 reaches the peak at update 4, then cosine decay
+    assert values[1:4] == pytest.approx([0.4375e-3, 0.625e-3, 0.8125e-3])
+    assert values[4] == pytest.approx(1e-3)
+    assert values[4 + 8] == pytest.approx(0.5e-3, rel=1e-5)  # half-way down
+    assert values[20] == pytest.approx(0.0, abs=1e-9)
+    assert values[:4] == sorted(values[:4]) and values[4:] == sorted(values[4:])[::-1]
+    # a fraction of the updates; 0 means no warm-up
+    frac = trainer.schedule(config.resolve({"learning_rate": 1e-3, "warmup": 0.25}), 20)
+    assert frac(mx.array(0)).item() == pytest.approx(1e-3 / 5)
+    none = trainer.schedule(config.resolve({"learning_rate": 1e-3, "warmup": 0}), 20)
+    assert none(mx.array(0)).item() == pytest.approx(1e-3)
+
+
+def test_epochs_keep_checkpoints_and_grad_checkpoint(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    settings = {"iters": None, "epochs": 1.5, "stages": "reward", "save_every": 1}
+    run = trainer.train(cfg_for(tiny, run_dir, keep_checkpoints=3, **settings))
+    assert run["stages"][0]["iterations"] == 6  # 16 pairs / 4 = 4 batches x 1.5
+    kept = sorted(p.name for p in (run_dir / "reward" / "checkpoints").iterdir())
+    assert kept == ["step_0000004", "step_0000005", "step_0000006"]
+    # recomputing activations in the backward changes nothing
+    again = tmp_path / "ckpt"
+    trainer.train(
+        cfg_for(tiny, again, keep_checkpoints=3, grad_checkpoint=True, **settings)
+    )
+    want, got = losses_of(run_dir), losses_of(again)
+    assert [x[:2] for x in want] == [x[:2] for x in got]
+    assert np.allclose([x[2] for x in want], [x[2] for x in got], rtol=1e-5)
+
+
+def test_lora_keys_choose_the_adapted_layers(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    keys = ["self_attn.q_proj", "self_attn.v_proj"]
+    cfg = cfg_for(tiny, run_dir, stages="reward", lora_parameters={"keys": keys})
+    trainer.train(cfg)
+    names = mx.load(str(run_dir / "reward" / "adapters.safetensors"))
+    assert {k.split(".")[-2] for k in names} == {"q_proj", "v_proj"}
+    assert len(names) == 2 * 2 * 2  # 2 blocks x 2 modules x (lora_a, lora_b)
+    bad = tmp_path / "bad"
+    cfg = cfg_for(tiny, bad, lora_parameters={"keys": ["self_attn.q_proj", "nonsense"]})
+    with pytest.raises(config.ConfigError, match="'nonsense' is not a linear layer"):
+        trainer.train(cfg)
+    assert not bad.exists()  # refused before the run folder was created
+
+
+def test_model_and_data_paths_are_stored_resolved(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny)
+    cfg = config.resolve(
+        {"model": "model", "data": "data", "iters": 1, "stages": "reward",
+         "adapter_path": str(tmp_path / "run"), "num_layers": -1}
+    )  # fmt: skip
+    trainer.train(cfg)
+    saved = config.load_yaml(tmp_path / "run" / "config.yaml")
+    assert saved["model"] == str(tiny / "model") and saved["data"] == str(tiny / "data")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["model"] == str(
+        tiny / "model"
+    )
+    monkeypatch.chdir(tmp_path)  # the run folder works from anywhere
+    model, _ = load(adapter_path="run")
+    assert model is not None
+    hub_id = config.resolve({"model": "org/not-a-local-folder"}).with_resolved_paths()
+    assert hub_id.model == "org/not-a-local-folder"
