@@ -36,7 +36,7 @@ def _console():
 def echo(line: str = "") -> None:
     """Print a line; above the live bars when there are any."""
     if _live is not None:
-        _live.console.print(line, markup=False, highlight=False)
+        _live.console.print(line, markup=False, highlight=False, soft_wrap=True)
     else:
         print(line, flush=True)
 
