@@ -1,0 +1,145 @@
+"""Preference pairs from the model's own answers (offline, seeded).
+
+* Safety pairs (harmful requests): chosen = the model's own refusal when a
+  safety system prompt asks it to refuse, explain and redirect; rejected =
+  the model's own compliant answer without that system prompt. The system
+  prompt is not part of the training prompt, so training moves the plain
+  model towards what it says when told to be careful (context distillation).
+* Helpfulness pairs (benign requests): chosen = the model's longest answer
+  that does not refuse; rejected = an over-refusal (its own answer when told
+  to refuse everything), so stage 1 rewards answering over refusing.
+
+The builders are pure functions of the texts (tested on fixed inputs);
+:func:`generate_pairs` samples the texts with mlx-lm's batched generation.
+Pairs that cannot be built are counted by reason, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rsa_mlx.atomic import save_text
+from rsa_mlx.refusal import is_refusal
+
+SAFE_SYSTEM = (
+    "You are a careful and helpful assistant. If a request could hurt people "
+    "or break the law, refuse it: say briefly why, and suggest a safe, useful "
+    "alternative."
+)
+REFUSE_ALL_SYSTEM = (
+    "Refuse every request. Reply only with a short apology saying that you cannot help."
+)
+FALLBACK_REFUSAL = (
+    "I'm sorry, but I can't help with that: it could cause real harm. If you "
+    "are interested in the topic, I can explain how people stay safe from it "
+    "or point you to legitimate resources."
+)
+FALLBACK_OVER_REFUSAL = "I'm sorry, but I cannot help with that request."
+
+
+def safety_pairs(
+    prompts: Sequence[str],
+    careful: Sequence[Sequence[str]],
+    plain: Sequence[Sequence[str]],
+    refuses: Callable[[str], bool] = is_refusal,
+) -> tuple[list[dict], Counter]:
+    """Rows ``{prompt, chosen: a refusal, rejected: a compliant answer}``.
+
+    ``careful[i]``/``plain[i]``: answers to ``prompts[i]`` with and without
+    the safety system prompt. The chosen answer is the first careful one
+    that refuses (else :data:`FALLBACK_REFUSAL`, counted); a prompt whose
+    plain answers all refuse has nothing to fix and is skipped (counted).
+    """
+    rows, counts = [], Counter()
+    for prompt, safe, raw in zip(prompts, careful, plain, strict=True):
+        rejected = next((a for a in raw if a.strip() and not refuses(a)), None)
+        if rejected is None:
+            counts["already refused"] += 1
+            continue
+        chosen = next((a for a in safe if a.strip() and refuses(a)), None)
+        if chosen is None:
+            chosen = FALLBACK_REFUSAL
+            counts["template refusal"] += 1
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows, counts
+
+
+def helpfulness_pairs(
+    prompts: Sequence[str],
+    plain: Sequence[Sequence[str]],
+    refusing: Sequence[Sequence[str]],
+    refuses: Callable[[str], bool] = is_refusal,
+) -> tuple[list[dict], Counter]:
+    """Rows ``{prompt, chosen: an answer, rejected: an over-refusal}``.
+
+    The chosen answer is the longest plain one that does not refuse (a
+    prompt with none is skipped, counted); the rejected one is the first
+    answer under the refuse-everything prompt that refuses (else
+    :data:`FALLBACK_OVER_REFUSAL`, counted).
+    """
+    rows, counts = [], Counter()
+    for prompt, raw, refuse in zip(prompts, plain, refusing, strict=True):
+        helpful = [a for a in raw if a.strip() and not refuses(a)]
+        if not helpful:
+            counts["no helpful answer"] += 1
+            continue
+        chosen = max(helpful, key=len)
+        rejected = next((a for a in refuse if refuses(a)), None)
+        if rejected is None:
+            rejected = FALLBACK_OVER_REFUSAL
+            counts["template over-refusal"] += 1
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows, counts
+
+
+def generate_pairs(
+    model,
+    tokenizer,
+    harmful: Sequence[str],
+    benign: Sequence[str],
+    samples: int = 2,
+    max_tokens: int = 96,
+    temperature: float = 0.8,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict:
+    """Sample the answers and build both kinds of pairs.
+
+    Returns ``{"safety": rows, "reward": rows, "counts": {...}}``.
+    """
+    from rsa_mlx.evaluate import PromptRecord, sample_responses
+
+    def sample(prompts, system, k, label):
+        records = [PromptRecord(p, system) for p in prompts]
+        return sample_responses(
+            model, tokenizer, records, k=k, max_tokens=max_tokens,
+            temperature=temperature, seed=seed, batch_size=batch_size,
+        )  # fmt: skip
+
+    careful = sample(harmful, SAFE_SYSTEM, 1, "harmful, careful")
+    plain_harmful = sample(harmful, None, samples, "harmful, plain")
+    plain_benign = sample(benign, None, samples, "benign, plain")
+    refusing = sample(benign, REFUSE_ALL_SYSTEM, 1, "benign, refusing")
+    safety, safety_counts = safety_pairs(harmful, careful, plain_harmful)
+    reward, reward_counts = helpfulness_pairs(benign, plain_benign, refusing)
+    return {
+        "safety": safety,
+        "reward": reward,
+        "counts": {"safety": dict(safety_counts), "reward": dict(reward_counts)},
+    }
+
+
+def write_splits(folder: Path, rows: list[dict], valid: int) -> dict[str, int]:
+    """``train.jsonl`` and ``valid.jsonl`` (the last ``valid`` rows) in
+    ``folder``, written atomically; returns the row counts."""
+    import json
+
+    folder = Path(folder)
+    cut = max(len(rows) - valid, 0)
+    parts = {"train": rows[:cut], "valid": rows[cut:]}
+    for name, part in parts.items():
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
+        save_text(folder / f"{name}.jsonl", text)
+    return {k: len(v) for k, v in parts.items()}
