@@ -21,6 +21,7 @@ _BIG = 1e30
 _INT_MIN = -(2**31)
 _ERM_EXPM1_MAX = 80.0  # expm1(80) * 1 < float32 max, so no overflow below it
 
+
 def _block_plan(V: int) -> tuple[int, int]:
     """Block size and padded width for two-level sums over V entries."""
     if V <= 256:
@@ -85,23 +86,31 @@ def _key_value(key: mx.array) -> mx.array:
     return mx.view(bits ^ (((bits >> 31) ^ -1) | _INT_MIN), mx.float32)
 
 
-def _cvar_boundary(z, p, below_mass, block):
-    """The boundary value ``z*``: the largest t with ``mass(Z < t) <= below_mass``.
+def _cvar_boundary(z, p, mass, mu, block):
+    """The boundary value ``z*``: the largest t with ``mass(Z >= t) >= mu P``.
 
-    With ``below_mass = (1 - mu) P`` this is the largest t with
-    ``mass(Z >= t) >= mu P``. Exact bisection over the 2^32 float32 values in
-    key order: 32 steps, each one masked sum (fused by ``mx.compile``), no
-    sort and no histogram. A candidate key is compared as the float it
-    encodes; keys that encode NaN compare false, which is right above +inf
-    and never reached below -1e30. Summing the mass *below* t rounds like
-    that small mass, and at mu = 1 the test is ``mass(Z < t) <= 0``: exact
-    however light the lowest entries are.
+    Exact bisection over the 2^32 float32 values in key order: 32 steps, each
+    one masked sum (fused by ``mx.compile``), no sort and no histogram. A
+    candidate key is compared as the float it encodes; keys that encode NaN
+    compare false, which is right above +inf and never reached below -1e30.
+
+    The test sums the smaller side, so that it rounds like that small mass:
+    for ``mu > 1/2`` the mass *below* t, ``mass(Z < t) <= (1 - mu) P`` (at
+    mu = 1 the test is ``mass(Z < t) <= 0``, exact however light the lowest
+    entries are); for ``mu <= 1/2`` the mass above, ``mass(Z >= t) >= mu P``
+    (``(1 - mu) P`` rounds to ``P`` in float32 for mu below ~6e-8).
     """
+    upper = mu <= 0.5
+    bound = mu * mass if upper else (1.0 - mu) * mass
     lo = mx.zeros((z.shape[0], 1), mx.uint32)
     hi = mx.full((z.shape[0], 1), 0xFFFFFFFF, mx.uint32)
     for _ in range(32):
         mid = lo + ((hi - lo) >> 1) + ((hi - lo) & 1)  # upper middle: > lo
-        ok = _bsum(p * (z < _key_value(mid)), block) <= below_mass
+        t = _key_value(mid)
+        if upper:
+            ok = _bsum(p * (z >= t), block) >= bound
+        else:
+            ok = _bsum(p * (z < t), block) <= bound
         lo, hi = mx.where(ok, mid, lo), mx.where(ok, hi, mid - 1)
     return _key_value(lo)
 
@@ -139,7 +148,7 @@ def _forward_rows(a, b, y, plan: _Plan):
     elif plan.measure == "cvar":
         mass = _bsum(p, blk)
         target = mu * mass
-        z_star = _cvar_boundary(z, p, (1.0 - mu) * mass, blk)
+        z_star = _cvar_boundary(z, p, mass, mu, blk)
         # mu P - mass(Z > z*) as one sum of p (mu - 1[Z > z*]): exact at
         # mu = 1, and no cancellation of two sums near 1 when the boundary
         # entry is light.

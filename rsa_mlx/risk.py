@@ -49,6 +49,7 @@ from typing import Literal, NamedTuple
 import mlx.core as mx
 
 from rsa_mlx._risk_ops import _block_plan, _bsum, _make_op, _Plan  # noqa: F401
+from rsa_mlx.errors import InputError
 
 Measure = Literal["kl", "cvar", "erm", "truncated"]
 MEASURES: tuple[str, ...] = ("kl", "cvar", "erm", "truncated")
@@ -60,21 +61,35 @@ DEFAULT_MU: dict[str, float | None] = {
     "truncated": 0.95,
 }
 
+# The smallest CVaR level: mu * P (P ~ 1, the reference mass) and 1 / (mu * P)
+# must stay normal float32 numbers. Down to it CVaR is exact; at tiny mu it is
+# the largest Z over the reference support.
+MIN_CVAR_MU = 1e-30
 _CHUNK_ELEMS = 1 << 20  # about 4 MB of float32 per temporary per chunk ...
 _CHUNK_MIN_ROWS = 16  # ... but at least this many rows: fewer, larger kernels
 
 
 def resolve_mu(measure: str, mu: float | None) -> float | None:
-    """Check ``measure`` and ``mu``; return mu or the measure's default."""
+    """Check ``measure`` and ``mu``; return mu or the measure's default.
+
+    Levels: cvar ``MIN_CVAR_MU <= mu <= 1`` (1e-30), truncated ``0 < mu <= 1``,
+    erm ``0 < mu < inf``; kl takes none (returns None). Raises
+    :class:`~rsa_mlx.errors.InputError` (a ``ValueError``) otherwise.
+    """
     if measure not in MEASURES:
-        raise ValueError(f"unknown risk measure {measure!r}; choose from {MEASURES}")
+        raise InputError(f"unknown risk measure {measure!r}; choose from {MEASURES}")
     if measure == "kl":
         return None
     mu = DEFAULT_MU[measure] if mu is None else float(mu)
     if measure in ("cvar", "truncated") and not 0.0 < mu <= 1.0:
-        raise ValueError(f"{measure} needs 0 < mu <= 1, got {mu}")
+        raise InputError(f"{measure} needs 0 < mu <= 1, got {mu}")
+    if measure == "cvar" and mu < MIN_CVAR_MU:
+        raise InputError(
+            f"cvar mu {mu} is below the smallest supported level {MIN_CVAR_MU:g} "
+            "(CVaR there is already the largest log-ratio)"
+        )
     if measure == "erm" and not (mu > 0.0 and math.isfinite(mu)):
-        raise ValueError(f"erm needs a finite mu > 0, got {mu}")
+        raise InputError(f"erm needs a finite mu > 0, got {mu}")
     return mu
 
 
