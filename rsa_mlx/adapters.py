@@ -257,11 +257,10 @@ def _check_config(config: object, folder: Path) -> None:
             f"{quote(folder)}: only LoRA adapters are supported, not {kind!r}"
         )
     extra = config.get("rsa_mlx") or {}
-    if not isinstance(extra, dict) or not isinstance(
-        extra.get("base_adapter", ""), str
-    ):
+    base = extra.get("base_adapter") if isinstance(extra, dict) else 0
+    if base is not None and not isinstance(base, str):
         raise InputError(f"{where}: 'rsa_mlx.base_adapter' must be a folder name")
-    required = "base_adapter" not in extra
+    required = base is None
     params = config.get("lora_parameters", None if required else {})
     if not isinstance(params, dict):
         raise InputError(f"{where}: 'lora_parameters' must be an object")

@@ -215,3 +215,15 @@ def test_malformed_adapter_config_is_an_input_error(tmp_path):
     (folder / A.CONFIG_FILE).write_text("{not json")
     with pytest.raises(InputError, match="malformed JSON"):
         A.apply_adapter(tiny_llama(layers=2), folder)
+
+
+def test_stage_one_config_with_empty_base_adapter_loads(tmp_path):
+    folder = save_plain(tmp_path / "a", layers=2, num_layers=2)
+    config = json.loads((folder / A.CONFIG_FILE).read_text())
+    config["rsa_mlx"] = {"base_adapter": None, "beta": 0.1}
+    (folder / A.CONFIG_FILE).write_text(json.dumps(config))
+    assert A.apply_adapter(tiny_llama(layers=2), folder)
+    config["rsa_mlx"] = ["not", "an", "object"]
+    (folder / A.CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(InputError, match="base_adapter"):
+        A.apply_adapter(tiny_llama(layers=2), folder)
