@@ -35,6 +35,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 
+from rsa_mlx._fold import LORA_TYPES, _relative_key, combined_adapter
 from rsa_mlx.atomic import save_json, save_safetensors
 from rsa_mlx.errors import InputError, quote
 from rsa_mlx.hf import check_safetensors
@@ -42,7 +43,6 @@ from rsa_mlx.hf import check_safetensors
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-LORA_TYPES = (LoRALinear, LoRASwitchLinear, LoRAEmbedding)
 _BASE_TYPES = (
     nn.Linear,
     nn.QuantizedLinear,
@@ -379,54 +379,6 @@ def apply_adapter(
     return layers
 
 
-def combined_adapter(model: nn.Module) -> tuple[dict[str, mx.array], int]:
-    """Fold every stacked LoRA layer into one mlx-lm LoRA layer.
-
-    A stack ``y = base(x) + sum_k s_k x A_k B_k`` equals one LoRA layer with
-    ``A = [A_1 ... A_K]``, ``B = [s_1 B_1; ...; s_K B_K]`` and scale 1, of
-    rank ``sum r_k``; ranks are zero-padded to the largest total so every
-    layer has the same rank. Returns the tensors (by mlx-lm name) and rank.
-    """
-    stacks = {}
-    for path, module in model.named_modules():
-        if not isinstance(module, LORA_TYPES) or any(
-            path.startswith(p + ".") for p in stacks
-        ):
-            continue
-        chain, m = [], module
-        while isinstance(m, LORA_TYPES):
-            chain.append(m)
-            m = m.embedding if isinstance(m, LoRAEmbedding) else m.linear
-        stacks[path] = chain
-    rank = max(sum(_rank(m) for m in chain) for chain in stacks.values())
-    out = {}
-    for path, chain in stacks.items():
-        a, b = _fold(chain, rank)
-        out[f"{path}.lora_a"], out[f"{path}.lora_b"] = a, b
-    return out, rank
-
-
-def _rank(m: nn.Module) -> int:
-    return m.lora_a.shape[-2] if isinstance(m, LoRASwitchLinear) else m.lora_a.shape[-1]
-
-
-def _fold(chain: list[nn.Module], rank: int) -> tuple[mx.array, mx.array]:
-    first = chain[0]
-    if isinstance(first, LoRASwitchLinear):  # a: [E, r, in], b: [E, out, r]
-        a = mx.concatenate([m.lora_a for m in chain], axis=1)
-        b = mx.concatenate([m.scale * m.lora_b for m in chain], axis=2)
-        pad = rank - a.shape[1]
-        a = mx.pad(a, [(0, 0), (0, pad), (0, 0)])
-        b = mx.pad(b, [(0, 0), (0, 0), (0, pad)])
-    else:  # a: [in, r], b: [r, out] (embeddings: [num, r], [r, dims])
-        a = mx.concatenate([m.lora_a for m in chain], axis=1)
-        b = mx.concatenate([m.scale * m.lora_b for m in chain], axis=0)
-        pad = rank - a.shape[1]
-        a = mx.pad(a, [(0, 0), (0, pad)])
-        b = mx.pad(b, [(0, pad), (0, 0)])
-    return a, b
-
-
 def save_combined(folder: Path, model: nn.Module, num_layers: int, extra=None) -> None:
     """Write all of ``model``'s adapters as one plain mlx-lm adapter."""
     weights, rank = combined_adapter(model)
@@ -437,12 +389,3 @@ def save_combined(folder: Path, model: nn.Module, num_layers: int, extra=None) -
     folder = Path(folder)
     save_safetensors(folder / ADAPTER_FILE, weights)
     save_json(folder / CONFIG_FILE, adapter_config(cfg, extra))
-
-
-def _relative_key(model: nn.Module, path: str) -> str:
-    """``model.layers.3.self_attn.q_proj`` -> ``self_attn.q_proj``."""
-    parts = path.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part == "layers" and parts[i + 1].isdigit():
-            return ".".join(parts[i + 2 :])
-    return path
