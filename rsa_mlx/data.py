@@ -93,7 +93,14 @@ def encode_prompt(tokenizer, pair: Pair) -> list[int]:
         )
         if pair.system is not None:
             messages = [{"role": "system", "content": pair.system}, *messages]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as e:  # e.g. a template's raise_exception on the roles
+            detail = str(e).strip().splitlines()
+            raise DataError(
+                f"{pair.where}: the tokenizer's chat template rejects this prompt "
+                f"({detail[-1] if detail else type(e).__name__})"
+            ) from None
         return [int(t) for t in ids]
     if isinstance(pair.prompt, tuple):
         raise DataError(

@@ -328,6 +328,24 @@ def test_chat_prompt_needs_template(plain_tok):
         D.encode_pairs([pair], plain_tok, 64)
 
 
+def test_chat_template_failure_names_the_row(chat_tok):
+    class Strict:
+        has_chat_template = True
+
+        def apply_chat_template(self, messages, **kwargs):
+            from jinja2.exceptions import TemplateError
+
+            raise TemplateError("Conversation roles must alternate user/assistant")
+
+    pair = D.Pair(({"role": "assistant", "content": "hi"},), "a", "b", None, "f:7")
+    with pytest.raises(D.DataError) as err:
+        D.encode_prompt(Strict(), pair)
+    assert str(err.value) == (
+        "f:7: the tokenizer's chat template rejects this prompt "
+        "(Conversation roles must alternate user/assistant)"
+    )
+
+
 # ----------------------------------------------------------------- batching
 
 
