@@ -22,6 +22,7 @@ Files are mlx-lm's (``adapters.safetensors`` + ``adapter_config.json``):
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,13 +35,14 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 
+from rsa_mlx._fold import LORA_TYPES, _relative_key, combined_adapter
 from rsa_mlx.atomic import save_json, save_safetensors
-from rsa_mlx.errors import InputError
+from rsa_mlx.errors import InputError, quote
 from rsa_mlx.hf import check_safetensors
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
-LORA_TYPES = (LoRALinear, LoRASwitchLinear, LoRAEmbedding)
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _BASE_TYPES = (
     nn.Linear,
     nn.QuantizedLinear,
@@ -248,6 +250,100 @@ def config_from_file(config: dict) -> LoRAConfig:
     )
 
 
+def _check_config(config: object, folder: Path) -> None:
+    """``adapter_config.json`` holds what loading needs, of the right types.
+
+    A plain mlx-lm adapter needs ``num_layers`` and ``lora_parameters`` with
+    ``rank``, ``scale`` and ``dropout``; an rsa_mlx stage-2 adapter (one with
+    ``rsa_mlx.base_adapter``) may leave them to the defaults.
+    """
+    where = quote(Path(folder) / CONFIG_FILE)
+    if not isinstance(config, dict):
+        raise InputError(f"{where}: expected a JSON object")
+    kind = config.get("fine_tune_type", "lora")
+    if kind != "lora":
+        raise InputError(
+            f"{quote(folder)}: only LoRA adapters are supported, not {kind!r}"
+        )
+    extra = config.get("rsa_mlx") or {}
+    base = extra.get("base_adapter") if isinstance(extra, dict) else 0
+    if base is not None and not isinstance(base, str):
+        raise InputError(f"{where}: 'rsa_mlx.base_adapter' must be a folder name")
+    required = base is None
+    params = config.get("lora_parameters", None if required else {})
+    if not isinstance(params, dict):
+        raise InputError(f"{where}: 'lora_parameters' must be an object")
+    checks = [
+        ("num_layers", config, int, "an integer"),
+        ("rank", params, int, "a positive integer"),
+        ("scale", params, (int, float), "a number"),
+        ("dropout", params, (int, float), "a number"),
+    ]
+    for key, holder, kinds, what in checks:
+        name = key if holder is config else f"lora_parameters.{key}"
+        if key not in holder and not required:
+            continue
+        value = holder.get(key)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, kinds)
+            or (key == "rank" and value < 1)
+        ):
+            raise InputError(f"{where}: {name!r} must be {what}, got {value!r}")
+    keys = params.get("keys")
+    if keys is not None and not (
+        isinstance(keys, list) and all(isinstance(k, str) for k in keys)
+    ):
+        raise InputError(f"{where}: 'lora_parameters.keys' must be a list of names")
+
+
+def _layer_span(names) -> str:
+    found = sorted({int(m.group(1)) for n in names if (m := _LAYER.search(n))})
+    if not found:
+        return "none"
+    if found == list(range(found[0], found[-1] + 1)):
+        return f"{found[0]}-{found[-1]}" if len(found) > 1 else str(found[0])
+    return ",".join(map(str, found))
+
+
+def _check_match(folder: Path, weights: dict, expected: dict, num_layers) -> None:
+    """Refuse an adapter whose tensors are not exactly the model's LoRA ones.
+
+    mlx-lm puts an adapter on the *last* ``num_layers`` blocks and loads
+    leniently, so an adapter trained on a model with fewer blocks can find
+    names to fill and leave other LoRA layers at zero: every expected tensor
+    must be there, with its shape, and nothing else.
+    """
+    problems = [
+        f"{k}: {'unexpected' if k not in expected else 'shape ' + str(v.shape)}"
+        for k, v in weights.items()
+        if k not in expected or expected[k].shape != v.shape
+    ]
+    missing = sorted(set(expected) - set(weights))
+    if not (problems or missing):
+        return
+    have, want = _layer_span(weights), _layer_span(expected)
+    if have != want:
+        detail = (
+            f"it adapts layers {have}, but with num_layers={num_layers} this "
+            f"model's adapter would be on layers {want}"
+        )
+    else:
+        detail = (problems + [f"{k}: missing" for k in missing])[0]
+    raise InputError(
+        f"{quote(folder)}: adapter does not match the model: it was trained for a "
+        f"different model ({detail})"
+    )
+
+
+def _lora_tensors(model: nn.Module) -> dict[str, mx.array]:
+    return {
+        k: v
+        for k, v in tree_flatten(model.parameters())
+        if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")
+    }
+
+
 def apply_adapter(
     model: nn.Module, folder: Path, merge: float = 1.0, with_base: bool = True
 ) -> list[nn.Module]:
@@ -256,26 +352,26 @@ def apply_adapter(
     Returns the layers of ``folder``'s own adapter. ``merge`` scales this
     adapter only (the P-SACPO ratio q for a stage-2 adapter). With
     ``with_base=False`` the adapter it stacks on must be on ``model`` already.
+    Raises :class:`~rsa_mlx.errors.InputError` (one line) for a bad
+    ``adapter_config.json`` or an adapter trained for a different model.
     """
     folder = Path(folder)
     config = read_config(folder)
-    if config.get("fine_tune_type", "lora") != "lora":
-        raise InputError(
-            f"{folder}: only LoRA adapters are supported, not "
-            f"{config.get('fine_tune_type')!r}"
-        )
+    _check_config(config, folder)
     base = (config.get("rsa_mlx") or {}).get("base_adapter")
     if base is None and not any(
         isinstance(m, LORA_TYPES) for _, m in model.named_modules()
     ):
-        check_safetensors(folder / ADAPTER_FILE)
+        weights = mx.load(str(check_safetensors(folder / ADAPTER_FILE)))
         try:
-            load_adapters(model, str(folder))  # plain mlx-lm adapter: its checks
-        except ValueError as e:  # one line, like ours below
+            load_adapters(model, str(folder))  # plain mlx-lm adapter
+            failure = None
+        except (ValueError, KeyError) as e:
             lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-            raise InputError(
-                f"{folder}: adapter does not match the model ({lines[-1]})"
-            ) from None
+            failure = lines[-1] if lines else type(e).__name__
+        _check_match(folder, weights, _lora_tensors(model), config["num_layers"])
+        if failure is not None:
+            raise InputError(f"{quote(folder)}: cannot load the adapter ({failure})")
         layers = [m for _, m in model.named_modules() if isinstance(m, LORA_TYPES)]
     else:
         if base is not None and with_base:
@@ -283,70 +379,13 @@ def apply_adapter(
         cfg = config_from_file(config)
         layers = add_adapter(model, cfg)
         weights = mx.load(str(check_safetensors(folder / ADAPTER_FILE)))
-        expected = adapter_weights(model)
-        problems = [
-            f"{k}: {'unexpected' if k not in expected else 'shape ' + str(v.shape)}"
-            for k, v in weights.items()
-            if k not in expected or expected[k].shape != v.shape
-        ]
-        missing = sorted(set(expected) - set(weights))
-        if problems or missing:
-            detail = (problems + [f"{k}: missing" for k in missing])[0]
-            raise InputError(f"{folder}: adapter does not match the model ({detail})")
+        _check_match(folder, weights, adapter_weights(model), cfg.num_layers)
         model.load_weights(list(weights.items()), strict=False)
     if merge != 1.0:
         for m in layers:
             m.scale = merge * m.scale
     model.freeze()
     return layers
-
-
-def combined_adapter(model: nn.Module) -> tuple[dict[str, mx.array], int]:
-    """Fold every stacked LoRA layer into one mlx-lm LoRA layer.
-
-    A stack ``y = base(x) + sum_k s_k x A_k B_k`` equals one LoRA layer with
-    ``A = [A_1 ... A_K]``, ``B = [s_1 B_1; ...; s_K B_K]`` and scale 1, of
-    rank ``sum r_k``; ranks are zero-padded to the largest total so every
-    layer has the same rank. Returns the tensors (by mlx-lm name) and rank.
-    """
-    stacks = {}
-    for path, module in model.named_modules():
-        if not isinstance(module, LORA_TYPES) or any(
-            path.startswith(p + ".") for p in stacks
-        ):
-            continue
-        chain, m = [], module
-        while isinstance(m, LORA_TYPES):
-            chain.append(m)
-            m = m.embedding if isinstance(m, LoRAEmbedding) else m.linear
-        stacks[path] = chain
-    rank = max(sum(_rank(m) for m in chain) for chain in stacks.values())
-    out = {}
-    for path, chain in stacks.items():
-        a, b = _fold(chain, rank)
-        out[f"{path}.lora_a"], out[f"{path}.lora_b"] = a, b
-    return out, rank
-
-
-def _rank(m: nn.Module) -> int:
-    return m.lora_a.shape[-2] if isinstance(m, LoRASwitchLinear) else m.lora_a.shape[-1]
-
-
-def _fold(chain: list[nn.Module], rank: int) -> tuple[mx.array, mx.array]:
-    first = chain[0]
-    if isinstance(first, LoRASwitchLinear):  # a: [E, r, in], b: [E, out, r]
-        a = mx.concatenate([m.lora_a for m in chain], axis=1)
-        b = mx.concatenate([m.scale * m.lora_b for m in chain], axis=2)
-        pad = rank - a.shape[1]
-        a = mx.pad(a, [(0, 0), (0, pad), (0, 0)])
-        b = mx.pad(b, [(0, 0), (0, 0), (0, pad)])
-    else:  # a: [in, r], b: [r, out] (embeddings: [num, r], [r, dims])
-        a = mx.concatenate([m.lora_a for m in chain], axis=1)
-        b = mx.concatenate([m.scale * m.lora_b for m in chain], axis=0)
-        pad = rank - a.shape[1]
-        a = mx.pad(a, [(0, 0), (0, pad)])
-        b = mx.pad(b, [(0, pad), (0, 0)])
-    return a, b
 
 
 def save_combined(folder: Path, model: nn.Module, num_layers: int, extra=None) -> None:
@@ -359,12 +398,3 @@ def save_combined(folder: Path, model: nn.Module, num_layers: int, extra=None) -
     folder = Path(folder)
     save_safetensors(folder / ADAPTER_FILE, weights)
     save_json(folder / CONFIG_FILE, adapter_config(cfg, extra))
-
-
-def _relative_key(model: nn.Module, path: str) -> str:
-    """``model.layers.3.self_attn.q_proj`` -> ``self_attn.q_proj``."""
-    parts = path.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part == "layers" and parts[i + 1].isdigit():
-            return ".".join(parts[i + 2 :])
-    return path

@@ -1,18 +1,9 @@
-"""Preference data (SPEC §5): reading, checking, tokenising and batching.
+"""Preference data (SPEC §5): tokenising and batching.
 
-Two row layouts are accepted, in ``.jsonl`` or ``.json`` (a list of rows):
-
-* preference rows ``{"prompt": str | [messages], "chosen": str,
-  "rejected": str, "system"?: str}``;
-* PKU-SafeRLHF rows ``{"prompt", "response_0", "response_1",
-  "better_response_id", "safer_response_id", ...}``: helpfulness pairs from
-  ``better_response_id`` (stage ``reward``), safety pairs from
-  ``safer_response_id`` (stage ``safety``). Rows whose two responses are
-  equal are skipped and counted.
-
-A source is a file, a folder with ``train``/``valid``/``test`` files (or with
-``reward/`` and ``safety/`` sub-folders holding them), or a Hugging Face
-dataset id, fetched with huggingface-hub (from its cache when offline).
+Reading and checking rows (the two row layouts, sources, one-line errors)
+lives in :mod:`rsa_mlx.sources`; its public names are importable from here
+too (:class:`Pair`, :class:`LoadReport`, :func:`load_pairs`,
+:func:`parse_row`, :func:`resolve_source`, :class:`DataError`).
 
 Tokenisation applies the chat template once to the prompt (with the
 generation prompt) and appends the response tokens and the end-of-turn token;
@@ -22,252 +13,45 @@ prompt's end and the responses' start (:func:`truncate`).
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from rsa_mlx.errors import DataError
+from rsa_mlx.errors import DataError, InputError
+from rsa_mlx.sources import (
+    SPLITS,
+    STAGES,
+    LoadReport,
+    Pair,
+    load_pairs,
+    parse_row,
+    resolve_source,
+)
 
-STAGES = ("reward", "safety")
-SPLITS = ("train", "valid", "test")
-_PKU_ID = {"reward": "better_response_id", "safety": "safer_response_id"}
-_SUFFIXES = (".jsonl", ".json", ".jsonl.xz", ".jsonl.gz")
-
-
-@dataclass(frozen=True)
-class Pair:
-    """One preference pair; ``prompt`` is text or a list of chat messages."""
-
-    prompt: str | tuple[dict, ...]
-    chosen: str
-    rejected: str
-    system: str | None = None
-    where: str = ""  # "file:line", for messages
-
-
-@dataclass
-class LoadReport:
-    """What was read, for the user: counts by reason."""
-
-    rows: int = 0
-    pairs: int = 0
-    skipped: Counter = field(default_factory=Counter)
-
-    def describe(self) -> str:
-        extra = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
-        return f"{self.pairs} pairs from {self.rows} rows" + (
-            f" (skipped: {extra})" if extra else ""
-        )
-
-
-# --------------------------------------------------------------------------
-# reading
-
-
-def _open(path: Path):
-    name = path.name
-    if name.endswith(".xz"):
-        import lzma
-
-        return lzma.open(path, "rt", encoding="utf-8")
-    if name.endswith(".gz"):
-        import gzip
-
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def _rows(path: Path) -> Iterator[tuple[object, str]]:
-    """Yield (row, "file:line") from a .jsonl or .json file (maybe .xz/.gz)."""
-    if ".jsonl" in path.name:
-        with _open(path) as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line), f"{path}:{number}"
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        f"{path}:{number}: malformed JSON ({e.msg})"
-                    ) from None
-    else:
-        try:
-            with _open(path) as f:
-                rows = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-        if not isinstance(rows, list):
-            raise DataError(f"{path}: expected a JSON list of rows")
-        for index, row in enumerate(rows):
-            yield row, f"{path}[{index}]"
-
-
-def _text(row: dict, key: str, where: str, optional: bool = False) -> str | None:
-    if key not in row:
-        if optional:
-            return None
-        raise DataError(f"{where}: missing field {key!r}")
-    value = row[key]
-    if optional and value is None:
-        return None
-    if not isinstance(value, str):
-        raise DataError(
-            f"{where}: field {key!r} must be a string, got {type(value).__name__}"
-        )
-    return value
-
-
-def _prompt(row: dict, where: str) -> str | tuple[dict, ...]:
-    if "prompt" not in row:
-        raise DataError(f"{where}: missing field 'prompt'")
-    prompt = row["prompt"]
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and prompt:
-        for i, m in enumerate(prompt):
-            if not (
-                isinstance(m, dict)
-                and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)
-            ):
-                raise DataError(
-                    f"{where}: field 'prompt'[{i}] must be a message "
-                    '{"role": str, "content": str}'
-                )
-        return tuple(dict(m) for m in prompt)
-    raise DataError(
-        f"{where}: field 'prompt' must be a string or a non-empty list of messages, "
-        f"got {type(prompt).__name__}"
-    )
-
-
-def _response_id(row: dict, key: str, where: str) -> int:
-    if key not in row:
-        raise DataError(f"{where}: missing field {key!r}")
-    value = row[key]
-    if isinstance(value, bool) or value not in (0, 1):
-        raise DataError(f"{where}: field {key!r} must be 0 or 1, got {value!r}")
-    return int(value)
-
-
-def parse_row(row: object, where: str, stage: str | None) -> Pair | str:
-    """A :class:`Pair`, or the reason the row is skipped."""
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    prompt = _prompt(row, where)
-    system = _text(row, "system", where, optional=True)
-    if "response_0" in row or "response_1" in row:
-        if stage is None:
-            raise DataError(
-                f"{where}: PKU-SafeRLHF rows hold two labels; say which stage "
-                "(reward or safety) they are for"
-            )
-        responses = [_text(row, f"response_{i}", where) for i in (0, 1)]
-        better = _response_id(row, _PKU_ID[stage], where)
-        chosen, rejected = responses[better], responses[1 - better]
-    else:
-        chosen = _text(row, "chosen", where)
-        rejected = _text(row, "rejected", where)
-    if chosen == rejected:
-        return "equal responses"
-    if not chosen:
-        return "empty chosen response"
-    return Pair(prompt, chosen, rejected, system, where)
-
-
-def _split_files(folder: Path, split: str) -> list[Path]:
-    """``split`` files in ``folder``: its own first, else any below it (e.g.
-    ``data/<subset>/train.jsonl``), all of them, in name order."""
-    names = [f"{split}{suffix}" for suffix in _SUFFIXES]
-    direct = [folder / n for n in names if (folder / n).is_file()]
-    if direct:
-        return direct[:1]
-    found = [
-        p
-        for n in names
-        for p in folder.rglob(n)
-        if not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    ]
-    return sorted(found)
-
-
-def resolve_source(source: str | Path, stage: str | None, split: str) -> list[Path]:
-    """The files holding ``split`` of ``source`` for ``stage`` (maybe none).
-
-    ``source`` is a file (used for the ``train`` split), a folder, or a Hugging
-    Face dataset id with an optional sub-folder (``org/name/data/subset``),
-    downloaded or taken from the local cache when offline. A folder with
-    ``reward/`` or ``safety/`` sub-folders gives each stage its own.
-    """
-    path = Path(source)
-    if path.is_file():
-        return [path] if split == "train" else []
-    if not path.exists():
-        path = _download_dataset(str(source))
-    if stage and any((path / s).is_dir() for s in STAGES):
-        if not (path / stage).is_dir():
-            raise DataError(f"{source}: has no {stage}/ folder for the {stage} stage")
-        path = path / stage
-    return _split_files(path, split)
-
-
-def _download_dataset(source: str) -> Path:
-    parts = source.strip("/").split("/")
-    if len(parts) < 2 or source.startswith((".", "/", "~")):
-        raise DataError(f"{source}: no such file or folder")
-    repo_id, sub = "/".join(parts[:2]), "/".join(parts[2:])
-    from rsa_mlx.hf import snapshot
-
-    patterns = [
-        f"{sub}/**" if sub else "*",
-        *(f"{sub + '/' if sub else ''}**{s}" for s in _SUFFIXES),
-    ]
-    try:
-        root = snapshot(repo_id, repo_type="dataset", allow_patterns=patterns)
-    except FileNotFoundError as e:
-        raise DataError(str(e)) from None
-    path = root / sub if sub else root
-    if not path.exists():
-        raise DataError(f"{source}: the dataset has no folder {sub!r}")
-    return path
-
-
-def load_pairs(
-    source: str | Path, stage: str | None = None, split: str = "train"
-) -> tuple[list[Pair], LoadReport]:
-    """Read and check every row of one split; see the module docstring.
-
-    Raises :class:`DataError` (file, line and field named) on a bad row, and
-    when a train split yields no usable pair.
-    """
-    paths = resolve_source(source, stage, split)
-    report = LoadReport()
-    if not paths:
-        if split == "train":
-            raise DataError(
-                f"{source}: no train split found (train.jsonl, train.json, "
-                "train.jsonl.xz or train.jsonl.gz)"
-            )
-        return [], report
-    pairs = []
-    for path in paths:
-        for row, where in _rows(path):
-            report.rows += 1
-            parsed = parse_row(row, where, stage)
-            if isinstance(parsed, str):
-                report.skipped[parsed] += 1
-            else:
-                pairs.append(parsed)
-    report.pairs = len(pairs)
-    if not pairs and split == "train":
-        where = paths[0] if len(paths) == 1 else source
-        raise DataError(f"{where}: no usable preference pairs ({report.describe()})")
-    return pairs, report
+__all__ = [
+    "SPLITS",
+    "STAGES",
+    "Batch",
+    "BatchSampler",
+    "DataError",
+    "Encoded",
+    "LoadReport",
+    "Pair",
+    "SamplerState",
+    "bucket",
+    "collate",
+    "encode_pairs",
+    "encode_prompt",
+    "end_of_turn_id",
+    "epochs_to_iters",
+    "load_pairs",
+    "parse_row",
+    "resolve_source",
+    "truncate",
+]
 
 
 # --------------------------------------------------------------------------
@@ -309,7 +93,14 @@ def encode_prompt(tokenizer, pair: Pair) -> list[int]:
         )
         if pair.system is not None:
             messages = [{"role": "system", "content": pair.system}, *messages]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as e:  # e.g. a template's raise_exception on the roles
+            detail = str(e).strip().splitlines()
+            raise DataError(
+                f"{pair.where}: the tokenizer's chat template rejects this prompt "
+                f"({detail[-1] if detail else type(e).__name__})"
+            ) from None
         return [int(t) for t in ids]
     if isinstance(pair.prompt, tuple):
         raise DataError(
@@ -478,7 +269,7 @@ class BatchSampler:
 
     def __init__(self, data: Encoded, batch_size: int, seed: int = 0, pad_id: int = 0):
         if batch_size < 1:
-            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+            raise InputError(f"batch size must be at least 1, got {batch_size}")
         order = sorted(range(len(data)), key=data.length)
         self.batches = [
             order[i : i + batch_size] for i in range(0, len(order), batch_size)
@@ -508,4 +299,5 @@ class BatchSampler:
 
 
 def epochs_to_iters(epochs: float, batches_per_epoch: int) -> int:
+    """Iterations for ``epochs``: ``max(1, ceil(epochs * batches_per_epoch))``."""
     return max(1, math.ceil(epochs * batches_per_epoch))

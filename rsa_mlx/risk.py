@@ -44,12 +44,12 @@ Implementation notes (all measured on MLX 0.32 CPU, see docs/benchmarks.md):
 from __future__ import annotations
 
 import math
-import os
-from contextlib import nullcontext
-from functools import lru_cache
 from typing import Literal, NamedTuple
 
 import mlx.core as mx
+
+from rsa_mlx._risk_ops import _block_plan, _bsum, _make_op, _Plan  # noqa: F401
+from rsa_mlx.errors import InputError
 
 Measure = Literal["kl", "cvar", "erm", "truncated"]
 MEASURES: tuple[str, ...] = ("kl", "cvar", "erm", "truncated")
@@ -61,293 +61,36 @@ DEFAULT_MU: dict[str, float | None] = {
     "truncated": 0.95,
 }
 
-_BIG = 1e30
-_INT_MIN = -(2**31)
-_ERM_EXPM1_MAX = 80.0  # expm1(80) * 1 < float32 max, so no overflow below it
+# The smallest CVaR level: mu * P (P ~ 1, the reference mass) and 1 / (mu * P)
+# must stay normal float32 numbers. Down to it CVaR is exact; at tiny mu it is
+# the largest Z over the reference support.
+MIN_CVAR_MU = 1e-30
 _CHUNK_ELEMS = 1 << 20  # about 4 MB of float32 per temporary per chunk ...
 _CHUNK_MIN_ROWS = 16  # ... but at least this many rows: fewer, larger kernels
 
 
 def resolve_mu(measure: str, mu: float | None) -> float | None:
-    """Check ``measure`` and ``mu``; return mu or the measure's default."""
+    """Check ``measure`` and ``mu``; return mu or the measure's default.
+
+    Levels: cvar ``MIN_CVAR_MU <= mu <= 1`` (1e-30), truncated ``0 < mu <= 1``,
+    erm ``0 < mu < inf``; kl takes none (returns None). Raises
+    :class:`~rsa_mlx.errors.InputError` (a ``ValueError``) otherwise.
+    """
     if measure not in MEASURES:
-        raise ValueError(f"unknown risk measure {measure!r}; choose from {MEASURES}")
+        raise InputError(f"unknown risk measure {measure!r}; choose from {MEASURES}")
     if measure == "kl":
         return None
     mu = DEFAULT_MU[measure] if mu is None else float(mu)
     if measure in ("cvar", "truncated") and not 0.0 < mu <= 1.0:
-        raise ValueError(f"{measure} needs 0 < mu <= 1, got {mu}")
-    if measure == "erm" and not (mu > 0.0 and math.isfinite(mu)):
-        raise ValueError(f"erm needs a finite mu > 0, got {mu}")
-    return mu
-
-
-def _block_plan(V: int) -> tuple[int, int]:
-    """Block size and padded width for two-level sums over V entries."""
-    if V <= 256:
-        return V, V
-    root = math.isqrt(V)
-    divisors = [b for b in range(max(16, root // 4), 4 * root + 1) if V % b == 0]
-    if divisors:
-        return min(divisors, key=lambda b: abs(b - root)), V
-    block = 1 << round(math.log2(root))
-    return block, -(-V // block) * block
-
-
-def _bsum(x: mx.array, block: int) -> mx.array:
-    """Row sums ``[c, W] -> [c, 1]`` summed block-wise for float32 accuracy."""
-    c, width = x.shape
-    if block == width:
-        return x.sum(-1, keepdims=True)
-    return x.reshape(c, width // block, block).sum(-1).sum(-1, keepdims=True)
-
-
-def _logsumexp(x: mx.array, block: int) -> mx.array:
-    m = x.max(-1, keepdims=True)
-    return m + mx.log(_bsum(mx.exp(x - m), block))
-
-
-def _log_softmax(x: mx.array, block: int) -> tuple[mx.array, mx.array]:
-    """``log softmax(x)`` as ``(x - max) - log1p(sum' exp(x - max))``, and the shift.
-
-    Keeping the max apart makes each entry's rounding error proportional to
-    its own |log-probability|, instead of adding the rounding of the full
-    logsumexp to every entry. ``sum'`` leaves out one maximal entry (its
-    term is exactly 1), so a confident row (top probability 1 - 1e-6) keeps
-    its top log-probability to float32 precision; ``log(1 + 1e-6)`` would
-    lose a few percent of it.
-    """
-    m = x.max(-1, keepdims=True)
-    shifted = x - m
-    # Masks multiply rather than mx.where: 4x cheaper on the CPU.
-    rest = _bsum(mx.exp(shifted) * (shifted < 0), block)
-    rest = rest + (_bsum((shifted == 0).astype(mx.float32), block) - 1.0)
-    log_s = mx.log1p(rest)
-    return shifted - log_s, mx.concatenate([m, log_s], axis=-1)
-
-
-def _apply_norm(x: mx.array, norm: mx.array) -> mx.array:
-    """Recompute ``log softmax(x)`` from the ``[c, 2]`` (max, log-sum) pair."""
-    return (x - norm[:, :1]) - norm[:, 1:]
-
-
-def _take(x: mx.array, idx: mx.array) -> mx.array:
-    return mx.take_along_axis(x, idx, axis=-1)
-
-
-def _key_value(key: mx.array) -> mx.array:
-    """The float32 whose order key is ``key`` (uint32).
-
-    The order key of a float32 with bits ``b`` is ``b ^ 0x80000000`` for a
-    non-negative float and ``~b`` for a negative one, so that keys and
-    finite floats sort alike. This is its inverse.
-    """
-    bits = mx.view(key, mx.int32)
-    return mx.view(bits ^ (((bits >> 31) ^ -1) | _INT_MIN), mx.float32)
-
-
-def _cvar_boundary(z, p, below_mass, block):
-    """The boundary value ``z*``: the largest t with ``mass(Z < t) <= below_mass``.
-
-    With ``below_mass = (1 - mu) P`` this is the largest t with
-    ``mass(Z >= t) >= mu P``. Exact bisection over the 2^32 float32 values in
-    key order: 32 steps, each one masked sum (fused by ``mx.compile``), no
-    sort and no histogram. A candidate key is compared as the float it
-    encodes; keys that encode NaN compare false, which is right above +inf
-    and never reached below -1e30. Summing the mass *below* t rounds like
-    that small mass, and at mu = 1 the test is ``mass(Z < t) <= 0``: exact
-    however light the lowest entries are.
-    """
-    lo = mx.zeros((z.shape[0], 1), mx.uint32)
-    hi = mx.full((z.shape[0], 1), 0xFFFFFFFF, mx.uint32)
-    for _ in range(32):
-        mid = lo + ((hi - lo) >> 1) + ((hi - lo) & 1)  # upper middle: > lo
-        ok = _bsum(p * (z < _key_value(mid)), block) <= below_mass
-        lo, hi = mx.where(ok, mid, lo), mx.where(ok, hi, mid - 1)
-    return _key_value(lo)
-
-
-def _cvar_weights(z, p, z_star, c_above, c_at):
-    """CVaR envelope weights: ``p/(mu P)`` above the boundary value, its
-    fractional share at it, 0 below."""
-    return p * ((z > z_star) * c_above + (z == z_star) * c_at)
-
-
-class _Plan(NamedTuple):
-    measure: str
-    mu: float | None
-    vocab: int  # V before padding
-    block: int
-    chunk: int  # rows per chunk
-    risk_grad: bool = True  # False: the backward skips the risk's weights
-
-
-def _forward_rows(a, b, y, plan: _Plan):
-    """Per-row (logratio, kl, risk, norm_a, norm_b, *aux) for one chunk."""
-    blk = plan.block
-    a, b = mx.clip(a, -_BIG, _BIG), mx.clip(b, -_BIG, _BIG)
-    lq, norm_a = _log_softmax(a, blk)
-    lp, norm_b = _log_softmax(b, blk)
-    p = mx.exp(lp)
-    # Rounding error eps * (|log p| + |log q|): small where p is large.
-    z = lp - lq
-    kl = _bsum(p * z, blk)
-    idx = y[:, None]
-    logratio = _take(lq, idx) - _take(lp, idx)
-    mu = plan.mu
-    if plan.measure == "kl":
-        risk, aux = kl, ()
-    elif plan.measure == "cvar":
-        mass = _bsum(p, blk)
-        target = mu * mass
-        z_star = _cvar_boundary(z, p, (1.0 - mu) * mass, blk)
-        # mu P - mass(Z > z*) as one sum of p (mu - 1[Z > z*]): exact at
-        # mu = 1, and no cancellation of two sums near 1 when the boundary
-        # entry is light.
-        need = _bsum(p * (mu - (z > z_star)), blk)
-        at = _bsum(p * (z == z_star), blk)
-        c_above = 1.0 / target
-        # at > 0 unless the row has no reference mass at all (all -inf).
-        share = mx.where(at > 0, need / mx.maximum(at, 1e-38), 0.0)
-        c_at = mx.clip(share, 0.0, 1.0) * c_above
-        risk = _bsum(_cvar_weights(z, p, z_star, c_above, c_at) * z, blk)
-        aux = (z_star, c_above, c_at)
-    elif plan.measure == "erm":
-        # log E_p[e^{mu Z}] two ways: log1p(sum p expm1(mu Z)) keeps precision
-        # as mu -> 0; logsumexp(log p + mu Z) cannot overflow. The first is
-        # used wherever mu * max Z leaves expm1 finite.
-        mass = _bsum(p, blk)
-        tilt = lp + mu * z
-        small = mx.log1p(
-            _bsum(p * mx.expm1(mx.minimum(mu * z, _ERM_EXPM1_MAX)), blk) / mass
+        raise InputError(f"{measure} needs 0 < mu <= 1, got {mu}")
+    if measure == "cvar" and mu < MIN_CVAR_MU:
+        raise InputError(
+            f"cvar mu {mu} is below the smallest supported level {MIN_CVAR_MU:g} "
+            "(CVaR there is already the largest log-ratio)"
         )
-        large = _logsumexp(tilt, blk) - mx.log(mass)
-        use_small = mu * z.max(-1, keepdims=True) <= _ERM_EXPM1_MAX
-        log_mgf = mx.where(use_small, small, large)
-        risk = log_mgf / mu
-        aux = (log_mgf + mx.log(mass),)  # normaliser of the tilt in the backward
-    else:  # truncated
-        width = a.shape[-1]
-        # Entries outside the reference support rank lowest (as -inf).
-        zq = mx.where(p > 0, z, -mx.inf)
-        h = (plan.vocab - 1) * (1.0 - mu)
-        k = math.floor(h) + (width - plan.vocab)  # padding ranks first
-        frac = h - math.floor(h)
-        part = mx.partition(zq, k, axis=-1)
-        lo = part[:, k : k + 1]
-        hi = part[:, k + 1 :].min(-1, keepdims=True) if k + 1 < width else lo
-        q_thr = mx.where(lo == -mx.inf, lo, lo + frac * (hi - lo) if frac else lo)
-        w = p * (z > q_thr)
-        risk = _bsum(w * z, blk)
-        aux = (q_thr, _bsum(w, blk))
-    return (logratio[:, 0], kl[:, 0], risk[:, 0], norm_a, norm_b, *aux)
-
-
-def _backward_rows(a, b, y, norm_a, norm_b, aux, g_lr, g_risk, plan: _Plan):
-    """d(sum g_lr * logratio + g_risk * risk) / d policy logits for one chunk."""
-    a, b = mx.clip(a, -_BIG, _BIG), mx.clip(b, -_BIG, _BIG)
-    lq, lp = _apply_norm(a, norm_a), _apply_norm(b, norm_b)
-    q = mx.exp(lq)
-    g_lr, g_risk = g_lr[:, None], g_risk[:, None]
-    onehot = mx.arange(a.shape[-1], dtype=y.dtype) == y[:, None]
-    if not plan.risk_grad:  # the log-ratio alone: d log q(y) = onehot - q
-        return (onehot - q) * g_lr
-    total = 1.0  # sum(w): 1 except for truncated
-    if plan.measure == "kl":
-        w = mx.exp(lp)
-    elif plan.measure == "cvar":
-        w = _cvar_weights(lp - lq, mx.exp(lp), *aux)
-    elif plan.measure == "erm":
-        w = mx.exp(lp + plan.mu * (lp - lq) - aux[0])
-    else:  # truncated: sum(w) != 1
-        q_thr, total = aux
-        w = mx.exp(lp) * ((lp - lq) > q_thr)
-    coef_q = g_risk * total - g_lr
-    return coef_q * q - g_risk * w + onehot * g_lr
-
-
-@lru_cache(maxsize=4)
-def _lanes(device_type) -> tuple:
-    """Streams to spread chunks over: on the CPU one per core (up to 4, or
-    ``$RSA_MLX_CPU_STREAMS``), because MLX runs each stream's element-wise
-    kernels on one thread; elsewhere the default stream only."""
-    if device_type != mx.cpu:
-        return (None,)
-    count = int(os.environ.get("RSA_MLX_CPU_STREAMS", min(os.cpu_count() or 1, 4)))
-    return tuple(mx.new_stream(mx.cpu) for _ in range(max(1, count)))
-
-
-def _chunks(n: int, size: int, lanes: int):
-    """Row ranges of at most ``size`` rows, and at least one per lane."""
-    size = max(1, min(size, -(-n // lanes)))
-    return [(s, min(s + size, n)) for s in range(0, n, size)]
-
-
-def _on_lanes(n: int, size: int, work):
-    """Run ``work(start, end, prev)`` over row chunks, round-robin on the lanes.
-
-    Each lane's chunks run one after another (``mx.depends`` on the lane's
-    previous result), so temporaries stay at one chunk per lane; lanes run
-    in parallel. Returns the results in row order.
-    """
-    lanes = _lanes(mx.default_device().type)
-    prev: list = [None] * len(lanes)
-    results = []
-    for i, (s, e) in enumerate(_chunks(n, size, len(lanes))):
-        k = i % len(lanes)
-        with mx.stream(lanes[k]) if lanes[k] is not None else nullcontext():
-            prev[k] = work(s, e, prev[k])
-        results.append(prev[k])
-    return results
-
-
-def _sequenced(arrays, prev):
-    """Make ``arrays`` wait for ``prev`` (a lane's previous chunk)."""
-    return arrays if prev is None else mx.depends(arrays, prev)
-
-
-@lru_cache(maxsize=64)
-def _make_op(plan: _Plan):
-    n_aux = {"kl": 0, "cvar": 3, "erm": 1, "truncated": 2}[plan.measure]
-
-    @mx.custom_function
-    def op(a, b, y):
-        def forward(s, e, prev):
-            ai, bi = _sequenced([a[s:e], b[s:e]], prev)
-            return list(_forward_rows(ai, bi, y[s:e], plan))
-
-        outs = _on_lanes(a.shape[0], plan.chunk, forward)
-        if len(outs) == 1:
-            return tuple(outs[0])
-        return tuple(mx.concatenate(parts, axis=0) for parts in zip(*outs))
-
-    @op.vjp
-    def op_vjp(primals, cotangents, outputs):
-        a, b, y = primals
-        g_lr, _, g_risk = cotangents[:3]  # kl is monitoring-only
-        norm_a, norm_b = outputs[3], outputs[4]
-        aux = outputs[5 : 5 + n_aux]
-
-        def backward(s, e, prev):
-            ai, bi = _sequenced([a[s:e], b[s:e]], prev)
-            slices = tuple(x[s:e] for x in aux)
-            return _backward_rows(
-                ai, bi, y[s:e], norm_a[s:e], norm_b[s:e], slices,
-                g_lr[s:e], g_risk[s:e], plan,
-            )  # fmt: skip
-
-        parts = _on_lanes(a.shape[0], plan.chunk, backward)
-        if len(parts) == 1:
-            return parts[0], mx.zeros_like(b), mx.zeros_like(y)
-        # Chunk gradients go into one buffer (updated in place) rather than
-        # through concatenate, which would hold every chunk plus the result.
-        grad, start = mx.zeros(a.shape, mx.float32), 0
-        for part in parts:
-            grad = grad.at[start : start + part.shape[0]].add(part)
-            start += part.shape[0]
-        return grad, mx.zeros_like(b), mx.zeros_like(y)
-
-    return op
+    if measure == "erm" and not (mu > 0.0 and math.isfinite(mu)):
+        raise InputError(f"erm needs a finite mu > 0, got {mu}")
+    return mu
 
 
 class TokenStats(NamedTuple):

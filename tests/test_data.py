@@ -106,7 +106,22 @@ def test_folder_splits_stage_folders_and_compressed(tmp_path):
         ),
         (
             '{"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}\n',
-            "train.jsonl:1: field 'prompt'[0] must be a message",
+            "train.jsonl:1: message 'prompt'[0] has no 'content'",
+        ),
+        (
+            '{"prompt": [{"role": "user", "content": "q"}, {"content": "x"}], '
+            '"chosen": "a", "rejected": "b"}\n',
+            "train.jsonl:1: message 'prompt'[1] has no 'role'",
+        ),
+        (
+            '{"prompt": [{"role": "user", "content": 5}], "chosen": "a", '
+            '"rejected": "b"}\n',
+            "train.jsonl:1: message 'prompt'[0] field 'content' must be a string, "
+            "got int",
+        ),
+        (
+            '{"prompt": ["hi"], "chosen": "a", "rejected": "b"}\n',
+            "train.jsonl:1: 'prompt'[0] must be a message",
         ),
         (
             '["not", "an", "object"]\n',
@@ -142,6 +157,79 @@ def test_missing_sources(tmp_path):
     pku = write_jsonl(tmp_path / "pku.jsonl", pku_rows(2))
     with pytest.raises(D.DataError, match="say which stage"):
         D.load_pairs(pku, None)
+
+
+def one_line_error(source, *args) -> str:
+    with pytest.raises(D.DataError) as err:
+        D.load_pairs(source, *args)
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+GOOD_ROW = '{"prompt": "p", "chosen": "a", "rejected": "b"}\n'
+
+
+@pytest.mark.parametrize("name", ["train.jsonl", "train.json"])
+def test_non_utf8_data_names_file_and_line(tmp_path, name):
+    path = tmp_path / name
+    body = GOOD_ROW * 2 + '{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'
+    if name.endswith(".json"):
+        body = "[\n" + ",\n".join(body.splitlines()) + "\n]\n"
+    path.write_bytes(body.encode("latin-1"))
+    line = 3 if name.endswith(".jsonl") else 4
+    assert f"{path}:{line}: not UTF-8 text" in one_line_error(path)
+
+
+def test_utf8_with_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD_ROW.encode())
+    assert len(D.load_pairs(path)[0]) == 1
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".xz"])
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_damaged_compressed_data_names_the_file(tmp_path, suffix, damage):
+    body = "".join(json.dumps(r) + "\n" for r in preference_rows(200)).encode()
+    packed = gzip.compress(body) if suffix == ".gz" else lzma.compress(body)
+    if damage == "truncated":
+        packed = packed[: len(packed) // 2]
+    else:
+        packed = packed[:12] + bytes(b ^ 0x5A for b in packed[12:40]) + packed[40:]
+    path = tmp_path / f"train.jsonl{suffix}"
+    path.write_bytes(packed)
+    message = one_line_error(path)
+    assert message.startswith(f"{str(path)!r}: corrupt or truncated compressed file")
+
+
+def test_not_compressed_at_all(tmp_path):
+    path = tmp_path / "train.jsonl.gz"
+    path.write_text(GOOD_ROW)
+    assert "corrupt or truncated compressed file" in one_line_error(path)
+
+
+@pytest.mark.parametrize(
+    "name", ["data/typo.jsonl", "./x", "x", "org/name.jsonl", "~/nowhere/at/all"]
+)
+def test_missing_local_path_is_not_a_hub_fetch(tmp_path, monkeypatch, name):
+    def no_hub(*args, **kwargs):
+        raise AssertionError("asked the Hub")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("rsa_mlx.hf.snapshot", no_hub)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", no_hub)
+    assert one_line_error(name) == f"no such file or folder {name!r}"
+
+
+def test_hub_id_that_cannot_be_fetched_mentions_both(tmp_path, monkeypatch):
+    def offline(repo_id, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
+    message = one_line_error("org/name/data", "reward")
+    assert "no such file or folder 'org/name/data'" in message
+    assert "Hugging Face dataset 'org/name'" in message
 
 
 def test_hub_dataset_id_offline_from_cache(tmp_path, monkeypatch):
@@ -240,6 +328,24 @@ def test_chat_prompt_needs_template(plain_tok):
         D.encode_pairs([pair], plain_tok, 64)
 
 
+def test_chat_template_failure_names_the_row(chat_tok):
+    class Strict:
+        has_chat_template = True
+
+        def apply_chat_template(self, messages, **kwargs):
+            from jinja2.exceptions import TemplateError
+
+            raise TemplateError("Conversation roles must alternate user/assistant")
+
+    pair = D.Pair(({"role": "assistant", "content": "hi"},), "a", "b", None, "f:7")
+    with pytest.raises(D.DataError) as err:
+        D.encode_prompt(Strict(), pair)
+    assert str(err.value) == (
+        "f:7: the tokenizer's chat template rejects this prompt "
+        "(Conversation roles must alternate user/assistant)"
+    )
+
+
 # ----------------------------------------------------------------- batching
 
 
@@ -248,6 +354,22 @@ def test_bucket_sizes_are_few_and_tight():
     assert len(sizes) <= 4 * 8 + 1
     for n in range(1, 2049):
         assert n <= D.bucket(n) <= max(n + 15, 1.25 * n)
+
+
+def batch_pairs(batch):
+    """The (prompt, chosen, rejected) token sequences in a batch, exactly."""
+    width, out = batch.tokens.shape[1], []
+
+    def row(s):
+        mine = batch.mask & (batch.segments == s)
+        start = batch.index[mine][0] % width + 1  # first response position
+        return batch.tokens[s, :start], batch.targets[mine]
+
+    for i in range(batch.pairs):
+        (prompt, chosen), (prompt2, rejected) = row(i), row(i + batch.pairs)
+        assert np.array_equal(prompt, prompt2)
+        out.append((prompt.tobytes(), chosen.tobytes(), rejected.tobytes()))
+    return out
 
 
 def test_sampler_covers_every_pair_once_per_epoch_and_resumes(chat_tok):
@@ -259,12 +381,14 @@ def test_sampler_covers_every_pair_once_per_epoch_and_resumes(chat_tok):
     assert len(sampler) == 6  # 5 full batches and one of 3
     stream = iter(sampler)
     seen = [next(stream) for _ in range(len(sampler))]
-    prompts = sorted(b.tokens[i, :4].tobytes() for b in seen for i in range(b.pairs))
+    got = sorted(pair for b in seen for pair in batch_pairs(b))
     expected = sorted(
-        np.pad(p, (0, max(0, 4 - len(p))))[:4].tobytes() for p in enc.prompts
+        (p.tobytes(), c.tobytes(), r.tobytes())
+        for p, c, r in zip(enc.prompts, enc.chosen, enc.rejected)
     )
-    assert prompts == expected and sum(b.pairs for b in seen) == 23
-    assert sampler.state == D.SamplerState(1, 0) or sampler.state.position == 6
+    assert len(set(expected)) == 23  # the pairs are told apart exactly
+    assert got == expected and sum(b.pairs for b in seen) == 23
+    assert sampler.state == D.SamplerState(0, 6)
     # a new sampler restored to the same state yields the same next batches
     nxt = [next(stream).tokens for _ in range(3)]
     other = D.BatchSampler(enc, batch_size=4, seed=3)

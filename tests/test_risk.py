@@ -367,6 +367,31 @@ def test_bad_arguments():
         R.token_stats(a, a, mx.zeros((3,), mx.int32), "kl")
 
 
+@pytest.mark.parametrize("mu", [3e-8, 1e-9, 1e-12, R.MIN_CVAR_MU])
+@pytest.mark.parametrize("kind", ["random", "masked", "peaked"])
+def test_cvar_at_tiny_mu_is_the_max_with_its_gradient(kind, mu):
+    # (1 - mu) P rounds to P in float32 below mu ~ 6e-8: the boundary must not
+    # be sought through it (it gave risk 0 with a non-zero gradient).
+    policy, ref_logits, targets = make_logits(kind, 4, 257, seed=11)
+    got = stats_np(policy, ref_logits, targets, "cvar", mu)
+    assert_close_to_reference(got, policy, ref_logits, targets, "cvar", mu)
+    a, b, y = mx.array(policy), mx.array(ref_logits), mx.array(targets)
+    grad = np.array(mx.grad(lambda x: R.token_stats(x, b, y, "cvar", mu).risk.sum())(a))
+    for i, (pa, pb) in enumerate(zip(policy, ref_logits)):
+        p, z = ref._row(pa, pb)
+        assert got[i, 2] == pytest.approx(z.max(), rel=1e-5, abs=1e-5)
+        w = np.zeros(pa.shape)
+        w[np.isfinite(pb)] = ref.cvar_weights(p, z, mu)
+        want = np.exp(ref.log_softmax(pa)) - w  # d cvar / d logits = q - w
+        np.testing.assert_allclose(grad[i], want, atol=2e-6)
+
+
+def test_cvar_mu_below_the_smallest_supported_is_refused():
+    assert R.resolve_mu("cvar", R.MIN_CVAR_MU) == R.MIN_CVAR_MU
+    with pytest.raises(ValueError, match="smallest supported"):
+        R.resolve_mu("cvar", R.MIN_CVAR_MU / 2)
+
+
 # --------------------------------------------------------------------------
 # properties (SPEC §2)
 
