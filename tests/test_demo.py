@@ -144,3 +144,56 @@ def test_plot_labels_do_not_overlap_when_drawn_and_a_png_is_written(tmp_path):
     assert svg == tmp_path / "plot.svg" and "<svg" in svg.read_text()
     png = (tmp_path / "plot.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_demo_shows_its_progress_as_a_whole(tmp_path, monkeypatch):
+    """Methods trained and models evaluated advance one task (with its ETA);
+    the demo's lines go through progress.echo (above live bars)."""
+    import rsa_mlx.demo.report
+    import rsa_mlx.trainer
+    from rsa_mlx import demo, progress
+    from rsa_mlx.config import TrainConfig
+
+    tasks, lines = [], []
+    real_task = progress.task
+
+    def task(description, total, unit="steps", quiet=False):
+        tasks.append([description, total, 0])
+        handle = real_task(description, total, unit, quiet)
+
+        class Recorder:
+            def __enter__(self):
+                self.inner = handle.__enter__()
+                return self
+
+            def advance(self, n=1):
+                tasks[-1][2] += n
+                self.inner.advance(n)
+
+            def __exit__(self, *exc):
+                return handle.__exit__(*exc)
+
+        return Recorder()
+
+    def train(cfg):
+        return {"stages": [{"name": s} for s in cfg.stage_names], "run_dir": "r"}
+
+    def evaluate_all(out, runs, budget, seed, on_model=None):
+        names = ["base", *runs, *(f"rsa-cvar q={q:g}" for q in (0.0, 0.5))]
+        for _ in names:
+            on_model()
+        return {name: {} for name in names}
+
+    monkeypatch.setattr(progress, "task", task)
+    monkeypatch.setattr(progress, "echo", lines.append)
+    monkeypatch.setattr(rsa_mlx.trainer, "train", train)
+    monkeypatch.setattr(rsa_mlx.demo.report, "evaluate_all", evaluate_all)
+    monkeypatch.setattr(
+        rsa_mlx.demo.report, "write_report", lambda *a: {"table": "T", "verdict": "V"}
+    )
+    settings = {"adapter_path": str(tmp_path / "demo")}
+    demo.run(TrainConfig(), settings, quick=True, methods="dpo,sacpo,rsa-cvar")
+    # 2 trainings (dpo is sacpo's first stage) + base, 3 methods, q = 0 and 0.5
+    assert tasks == [["demo: train and evaluate", 8, 8]]
+    assert any("training rsa-cvar" in line for line in lines)
+    assert any("wall time" in line for line in lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -477,3 +478,29 @@ def test_pairs_have_the_promised_labels(tmp_path):
     reward, _ = load_pairs(tmp_path, "reward")
     safety, _ = load_pairs(tmp_path, "safety")
     assert len(reward) == len(safety) == len(rows)
+
+
+def test_evaluation_shows_progress_per_batch_and_per_prompt(tiny, monkeypatch):
+    tasks = []
+    real_task = ev.progress.task
+
+    @contextlib.contextmanager
+    def task(description, total, unit="steps", quiet=False):
+        with real_task(description, total, unit, quiet) as inner:
+            steps = []
+            tasks.append((description, total, unit, steps))
+            advance = inner.advance
+            inner.advance = lambda n=1: (steps.append(n), advance(n))
+            yield inner
+
+    monkeypatch.setattr(ev.progress, "task", task)
+    model, tok = mlx_load(str(tiny / "model"))
+    records = [ev.PromptRecord(t) for t in ("a", "b", "c")]
+    scorer = lambda record, responses: [{"reward": 1.0, "cost": 0.0}] * len(responses)  # noqa: E731
+    ev.evaluate_model(
+        model, tok, records, scorer, k=2, max_tokens=2, batch_size=4, label="m"
+    )
+    assert tasks == [
+        ("m: sampling", 6, "responses", [4, 2]),
+        ("m: scoring", 3, "prompts", [1, 1, 1]),
+    ]
