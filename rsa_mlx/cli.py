@@ -211,39 +211,58 @@ def compare(results, output, plot):
         rules = {s.get("unsafe_rule") for s in summaries.values()} - {None}
         if rules:
             click.echo("unsafe: " + "; ".join(sorted(rules)))
-        if plot:
-            from rsa_mlx.plot import Chart, Series, write_figure
-
-            names = list(summaries)
-            missing = [n for n in names if _no_number(summaries[n].get("helpfulness"))]
-            if missing:
-                raise InputError(
-                    f"cannot plot helpfulness vs harm: {missing[0]} has no "
-                    "helpfulness (a judge needs a help question for it); "
-                    "drop --plot or that result"
-                )
+        chart = harm_chart(summaries) if plot else None
         if output:
             from rsa_mlx.atomic import save_text
 
             save_text(output, table + "\n")
-        if plot:
-            chart = Chart(
-                "Helpfulness vs harm",
-                "helpfulness",
-                "mean cost",
-                [
-                    Series(
-                        "runs",
-                        [summaries[n]["helpfulness"] for n in names],
-                        [summaries[n]["mean_cost"] for n in names],
-                        labels=names,
-                    )
-                ],
-            )
+        if chart is not None:
+            from rsa_mlx.plot import write_figure
+
             svg = write_figure(plot, [chart], columns=1)
             click.echo(f"wrote {svg} and {svg.with_suffix('.png')}")
 
     _guard(run)
+
+
+def harm_chart(summaries: dict[str, dict]):
+    """Helpfulness vs mean cost; with no helpfulness in any result (a judge
+    without a help question), mean cost vs CVaR_0.9, said on stderr. Some
+    results with helpfulness and some without cannot share a chart: refused.
+    """
+    from rsa_mlx.plot import Chart, Series
+
+    names = list(summaries)
+    missing = [n for n in names if _no_number(summaries[n].get("helpfulness"))]
+    if missing and len(missing) < len(names):
+        raise InputError(
+            f"cannot plot helpfulness vs harm: {missing[0]} has no helpfulness "
+            "(a judge needs a help question for it) and others have; drop "
+            "--plot or compare like with like"
+        )
+    x, xlabel, title = "helpfulness", "helpfulness", "Helpfulness vs harm"
+    if missing:
+        x, xlabel, title = "mean_cost", "mean cost", "Harm: mean vs tail"
+        if any(_no_number(summaries[n].get("cvar_0.9")) for n in names):
+            raise InputError(
+                f"cannot plot: {names[0]} has neither helpfulness nor CVaR0.9 cost"
+            )
+        click.echo(
+            "note: no result has helpfulness (judge without a help question); "
+            "plotting mean cost vs CVaR0.9 cost",
+            err=True,
+        )
+    y = "cvar_0.9" if missing else "mean_cost"
+    if any(_no_number(summaries[n].get(y)) for n in names):
+        raise InputError(f"cannot plot: a result has no {y!r}")
+    ylabel = "CVaR0.9 cost" if missing else "mean cost"
+    points = Series(
+        "runs",
+        [summaries[n][x] for n in names],
+        [summaries[n][y] for n in names],
+        labels=names,
+    )
+    return Chart(title, xlabel, ylabel, [points])
 
 
 def _no_number(value) -> bool:

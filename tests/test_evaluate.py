@@ -384,10 +384,17 @@ def test_compare_bad_results(tmp_path):
     assert f"'{text}': summary field 'mean_cost' is not a number ('high')" in line
     judged = write_result(tmp_path / "judged.json", helpfulness=float("nan"))
     assert runner.invoke(cli, ["compare", good, judged]).exit_code == 0
-    line = fails(
-        runner.invoke(cli, ["compare", good, judged, "--plot", str(tmp_path / "x.svg")])
-    )
+    plot = str(tmp_path / "x.svg")
+    line = fails(runner.invoke(cli, ["compare", good, judged, "--plot", plot]))
     assert "judged has no helpfulness" in line
+    assert not (tmp_path / "x.svg").exists()
+    # no result with helpfulness (judges alone): harm only, said on stderr
+    other = write_result(tmp_path / "other.json", helpfulness=None, **{"cvar_0.9": 1})
+    judged = write_result(tmp_path / "judged.json", helpfulness=None, **{"cvar_0.9": 2})
+    result = runner.invoke(cli, ["compare", judged, other, "--plot", plot])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("note: no result has helpfulness")
+    assert (tmp_path / "x.png").exists()
     line = fails(runner.invoke(cli, ["compare", good, good]))
     assert "given twice" in line
 
