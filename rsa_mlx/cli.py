@@ -13,20 +13,30 @@ import click
 import rsa_mlx
 from rsa_mlx import _blas
 from rsa_mlx.convert import DTYPES, Q_MODES
-from rsa_mlx.errors import InputError
+from rsa_mlx.errors import InputError, quote
 
 
 def model_options(fn):
-    """--model, --adapter-path and --merge: what `rsa_mlx.load` takes."""
-    fn = click.option("--merge", type=float, help="Merge ratio q of the last stage.")(
-        fn
-    )
+    """--model, --adapter-path and --merge: what `rsa_mlx.load` takes.
+
+    The command body calls :func:`check_model_options` inside ``_guard`` (a
+    bad value is then one ``error:`` line, exit 2).
+    """
+    fn = click.option(
+        "--merge", type=float, help="Merge ratio q of the last stage, in [0, 1]."
+    )(fn)
     fn = click.option(
         "--adapter-path", help="Run folder, stage folder or mlx-lm adapter folder."
     )(fn)
     return click.option(
         "--model", help="Base model folder or HF id (default: the run's)."
     )(fn)
+
+
+def check_model_options(merge: float | None) -> None:
+    from rsa_mlx.runs import check_merge
+
+    check_merge(merge)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -105,6 +115,11 @@ def info(no_bench: bool):
 @click.option("--temperature", default=1.0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option(
+    "--unsafe-threshold",
+    type=float,
+    help="judge: scorers: unsafe when P(unsafe) >= this [default: 0.5].",
+)
+@click.option(
     "--output",
     type=click.Path(dir_okay=False),
     help="Write the results (summary and every sample) as JSON here.",
@@ -119,6 +134,7 @@ def evaluate(
     max_tokens,
     temperature,
     seed,
+    unsafe_threshold,
     output,
 ):
     """Sample K responses per prompt, score them, report helpfulness and tail risk.
@@ -133,12 +149,17 @@ def evaluate(
     from rsa_mlx.model import load
 
     def run():
+        check_model_options(merge)
+        ev.check_sampling(k=k, max_tokens=max_tokens, temperature=temperature)
         records = ev.read_prompts(prompts)
-        judge = ev.load_scorer(scorer)
+        judge = ev.load_scorer(scorer, unsafe_threshold)
+        ev.check_scorer(judge, records)  # every row, before any model is loaded
         net, tokenizer = load(model, adapter_path=adapter_path, merge=merge)
+        name = str(adapter_path or model)
         result = ev.evaluate_model(
-            net, tokenizer, records, judge, k, max_tokens, temperature, seed
-        )
+            net, tokenizer, records, judge, k, max_tokens, temperature, seed,
+            label=name,
+        )  # fmt: skip
         result["model"] = {
             "model": model,
             "adapter_path": adapter_path,
@@ -149,11 +170,16 @@ def evaluate(
             from rsa_mlx.atomic import save_json
 
             save_json(Path(output), result)
+        summary = result["summary"]
         click.echo(
             ev.markdown_table(
-                {adapter_path or model: result["summary"]},
+                {name: summary},
                 [*ev.COLUMNS, ("cvar_0.9", "CVaR0.9 cost"), ("worst", "worst")],
             )
+        )
+        click.echo(
+            f"unsafe rate {summary['unsafe_rate']:.4f} "
+            f"(unsafe: {summary['unsafe_rule']}, scorer {judge.name})"
         )
 
     _guard(run)
@@ -177,41 +203,119 @@ def compare(results, output, plot):
     from rsa_mlx import evaluate as ev
 
     def run():
-        summaries = {}
-        for path in results:
-            try:
-                data = json.loads(Path(path).read_text())
-                summaries[Path(path).stem] = data["summary"]
-            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-                raise InputError(
-                    f"{path}: not an `rsa-mlx evaluate` result ({e})"
-                ) from None
+        summaries = read_results(results)
         table = ev.markdown_table(
             summaries, [*ev.COLUMNS, ("cvar_0.9", "CVaR0.9 cost")]
         )
         click.echo(table)
+        rules = {s.get("unsafe_rule") for s in summaries.values()} - {None}
+        if rules:
+            click.echo("unsafe: " + "; ".join(sorted(rules)))
+        chart = harm_chart(summaries) if plot else None
         if output:
-            Path(output).write_text(table + "\n")
-        if plot:
-            from rsa_mlx.plot import Chart, Series, write_figure
+            from rsa_mlx.atomic import save_text
 
-            names = list(summaries)
-            chart = Chart(
-                "Helpfulness vs harm",
-                "helpfulness",
-                "mean cost",
-                [
-                    Series(
-                        "runs",
-                        [summaries[n]["helpfulness"] for n in names],
-                        [summaries[n]["mean_cost"] for n in names],
-                        labels=names,
-                    )
-                ],
-            )
-            write_figure(plot, [chart], columns=1)
+            save_text(output, table + "\n")
+        if chart is not None:
+            from rsa_mlx.plot import write_figure
+
+            svg = write_figure(plot, [chart], columns=1)
+            click.echo(f"wrote {svg} and {svg.with_suffix('.png')}")
 
     _guard(run)
+
+
+def harm_chart(summaries: dict[str, dict]):
+    """Helpfulness vs mean cost; with no helpfulness in any result (a judge
+    without a help question), mean cost vs CVaR_0.9, said on stderr. Some
+    results with helpfulness and some without cannot share a chart: refused.
+    """
+    from rsa_mlx.plot import Chart, Series
+
+    names = list(summaries)
+    missing = [n for n in names if _no_number(summaries[n].get("helpfulness"))]
+    if missing and len(missing) < len(names):
+        raise InputError(
+            f"cannot plot helpfulness vs harm: {missing[0]} has no helpfulness "
+            "(a judge needs a help question for it) and others have; drop "
+            "--plot or compare like with like"
+        )
+    x, xlabel, title = "helpfulness", "helpfulness", "Helpfulness vs harm"
+    if missing:
+        x, xlabel, title = "mean_cost", "mean cost", "Harm: mean vs tail"
+        if any(_no_number(summaries[n].get("cvar_0.9")) for n in names):
+            raise InputError(
+                f"cannot plot: {names[0]} has neither helpfulness nor CVaR0.9 cost"
+            )
+        click.echo(
+            "note: no result has helpfulness (judge without a help question); "
+            "plotting mean cost vs CVaR0.9 cost",
+            err=True,
+        )
+    y = "cvar_0.9" if missing else "mean_cost"
+    if any(_no_number(summaries[n].get(y)) for n in names):
+        raise InputError(f"cannot plot: a result has no {y!r}")
+    ylabel = "CVaR0.9 cost" if missing else "mean cost"
+    points = Series(
+        "runs",
+        [summaries[n][x] for n in names],
+        [summaries[n][y] for n in names],
+        labels=names,
+    )
+    return Chart(title, xlabel, ylabel, [points])
+
+
+def _no_number(value) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def read_results(paths) -> dict[str, dict]:
+    """Summaries of `rsa-mlx evaluate --output` files, named by file stem.
+
+    Stems shared by several files are told apart by their parent folders
+    (``a/eval.json`` and ``b/eval.json`` become ``a/eval`` and ``b/eval``);
+    a file given twice is refused.
+    """
+    from rsa_mlx import evaluate as ev
+
+    keys = {k for k, _ in ev.COLUMNS} | {"cvar_0.9", "cvar_0.99", "worst"}
+    loaded = []
+    for path in map(Path, paths):
+        try:
+            data = json.loads(path.read_text())
+            summary = data["summary"]
+            if not isinstance(summary, dict):
+                raise TypeError("'summary' is not an object")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise InputError(
+                f"{quote(path)}: not an `rsa-mlx evaluate` result ({e})"
+            ) from None
+        for key in sorted(keys & set(summary)):
+            value = summary[key]
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+            ):
+                raise InputError(
+                    f"{quote(path)}: summary field {key!r} is not a number ({value!r})"
+                )
+        loaded.append((path, summary))
+    seen = {}
+    for path, _ in loaded:
+        if path.resolve() in seen:
+            raise InputError(f"{quote(path)}: given twice")
+        seen[path.resolve()] = path
+    names = [p.stem for p, _ in loaded]
+    for depth in range(1, 4):
+        clash = {n for n in names if names.count(n) > 1}
+        if not clash:
+            break
+        names = [
+            "/".join([*p.resolve().parent.parts[-depth:], p.stem]) if n in clash else n
+            for (p, _), n in zip(loaded, names)
+        ]
+    if len(set(names)) < len(names):
+        names = [str(p) for p, _ in loaded]
+    return {n: s for n, (_, s) in zip(names, loaded)}
 
 
 @main.command(epilog="mlx-lm's spellings: the same flags as `mlx_lm.convert`.")
@@ -295,6 +399,7 @@ def export(model, adapter_path, merge, save_path, peft):
     from rsa_mlx.export import export_model, export_peft
 
     def run():
+        check_model_options(merge)
         write = export_peft if peft else export_model
         out = write(save_path, model=model, adapter_path=adapter_path, merge=merge)
         click.echo(f"wrote {out}")
@@ -330,9 +435,21 @@ def generate(model, adapter_path, merge, prompt, system_prompt, ignore_chat_temp
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
+    from rsa_mlx import evaluate as ev
     from rsa_mlx.model import load
 
     def run():
+        check_model_options(merge)
+        ev.check_sampling(max_tokens=max_tokens, temperature=temp)
+        if num_samples < 1:
+            raise InputError(f"-n/--num-samples must be at least 1, not {num_samples}")
+        if not 0.0 <= top_p <= 1.0:
+            raise InputError(f"--top-p must be in [0, 1], not {top_p}")
+        if prompt == "-" and _stdin_is_terminal():
+            click.echo(
+                "reading the prompt from stdin (end it with Ctrl-D), or give -p TEXT",
+                err=True,
+            )
         text = sys.stdin.read() if prompt == "-" else prompt
         net, tokenizer = load(model, adapter_path=adapter_path, merge=merge)
         if ignore_chat_template or tokenizer.chat_template is None:
@@ -371,6 +488,10 @@ def completion(shell):
 
     cls = get_completion_class(shell)
     click.echo(cls(main, {}, "rsa-mlx", "_RSA_MLX_COMPLETE").source())
+
+
+def _stdin_is_terminal() -> bool:
+    return bool(getattr(sys.stdin, "isatty", lambda: False)())
 
 
 def _guard(fn):

@@ -31,7 +31,8 @@ import rsa_mlx
 from rsa_mlx import adapters, hf
 from rsa_mlx.atomic import save_json
 from rsa_mlx.errors import InputError
-from rsa_mlx.model import RUN_FILE, default_merge, load, read_run, resolve_adapter
+from rsa_mlx.model import load
+from rsa_mlx.runs import RUN_FILE, default_merge, read_run, resolve_adapter
 
 _QUANT_KEYS = ("quantization", "quantization_config")
 

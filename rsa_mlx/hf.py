@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import struct
 import tempfile
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from rsa_mlx.errors import InputError
+from rsa_mlx.errors import InputError, quote
 
 # What mlx-lm fetches for a model (mlx_lm.utils.DEFAULT_ALLOW_PATTERNS).
 MODEL_PATTERNS = [
@@ -73,14 +74,18 @@ def snapshot(
     """A local folder for ``source``: itself if it exists, else a Hub snapshot.
 
     Hub ids are fetched with huggingface-hub; without a network the local
-    cache is used when it holds the files.
+    cache is used when it holds the files. A missing path that cannot be a
+    Hub id (``./x``, ``/x``, ``~/x``, ``x``, ``a/b/c``, or ``a/b`` where
+    ``a`` is a local folder) is reported as a missing folder, never as a
+    failed download; for an ``org/name`` that is neither, the one-line error
+    names both possibilities.
     """
     path = Path(source).expanduser()
     if path.exists():
         return path
     text = str(source)
-    if text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise FileNotFoundError(f"{source}: no such file or folder")
+    if not looks_like_hub_id(text):
+        raise InputError(f"no such folder {quote(source)}")
     from huggingface_hub import snapshot_download
 
     kwargs = {"revision": revision, "repo_type": repo_type}
@@ -91,26 +96,41 @@ def snapshot(
         try:
             return Path(snapshot_download(text, local_files_only=True, **kwargs))
         except Exception:
-            raise FileNotFoundError(
-                f"{source}: not a local folder, and the Hugging Face {repo_type} "
-                f"could not be fetched or found in the cache ({type(first).__name__})"
+            raise InputError(
+                f"no such folder {quote(source)}, and no Hugging Face {repo_type} "
+                f"{text!r} could be fetched or found in the cache "
+                f"({type(first).__name__})"
             ) from None
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """Whether a missing local ``text`` may be a Hub id ``org/name``."""
+    if not _HUB_ID.fullmatch(text) or ".." in text or text.endswith(".git"):
+        return False
+    return not Path(text.split("/")[0]).exists()  # "runs/x" with runs/ here: local
 
 
 def read_config(folder: Path) -> dict:
     """``folder/config.json``, with one-line errors."""
     path = Path(folder) / "config.json"
     if not Path(folder).is_dir():
-        raise FileNotFoundError(f"{folder}: no such model folder")
+        raise InputError(f"no such model folder {quote(folder)}")
     try:
         with open(path) as f:
             config = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing (not a model folder?)") from None
+        raise InputError(f"{quote(path)}: missing (not a model folder?)") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{quote(path)}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        raise InputError(
+            f"{quote(path)}:{e.lineno}: malformed JSON ({e.msg})"
+        ) from None
     if not isinstance(config, dict) or "model_type" not in config:
-        raise InputError(f"{path}: no 'model_type' field")
+        raise InputError(f"{quote(path)}: no 'model_type' field")
     return config
 
 
@@ -129,7 +149,7 @@ def check_architecture(folder: Path, config: dict) -> None:
         import mlx_lm
 
         raise InputError(
-            f"{Path(folder) / 'config.json'}: model_type {config['model_type']!r} "
+            f"{quote(Path(folder) / 'config.json')}: model_type {config['model_type']!r} "
             f"is not an architecture mlx-lm {mlx_lm.__version__} supports"
         )
 
@@ -162,7 +182,7 @@ def check_exportable(folder: Path, config: dict) -> None:
     model_type = config["model_type"]
     if model_type not in EXPORTABLE and mlx_model_type(config) not in EXPORTABLE:
         raise InputError(
-            f"{Path(folder) / 'config.json'}: cannot export model_type "
+            f"{quote(Path(folder) / 'config.json')}: cannot export model_type "
             f"{model_type!r} to Hugging Face: mlx-lm's loader rearranges its "
             "weights (Model.sanitize) and has no inverse; exportable: "
             + ", ".join(sorted(EXPORTABLE))
@@ -179,7 +199,7 @@ def check_safetensors(path: Path) -> Path:
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing") from None
+        raise InputError(f"{quote(path)}: missing") from None
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
@@ -193,12 +213,12 @@ def check_safetensors(path: Path) -> Path:
             default=0,
         )
     except (struct.error, UnicodeDecodeError, KeyError, TypeError, IndexError) as e:
-        raise InputError(f"{path}: corrupt safetensors file ({e})") from None
+        raise InputError(f"{quote(path)}: corrupt safetensors file ({e})") from None
     except ValueError as e:
-        raise InputError(f"{path}: corrupt safetensors file ({e})") from None
+        raise InputError(f"{quote(path)}: corrupt safetensors file ({e})") from None
     if 8 + n + end > size:
         raise InputError(
-            f"{path}: corrupt safetensors file (truncated: {size} bytes, the "
+            f"{quote(path)}: corrupt safetensors file (truncated: {size} bytes, the "
             f"header needs {8 + n + end})"
         )
     return path
@@ -215,7 +235,7 @@ def check_model_folder(folder: Path) -> dict:
             p.name for p in folder.glob("*.pth")
         )
         hint = f" (found {other[0]}: convert it to safetensors)" if other else ""
-        raise FileNotFoundError(f"{folder}: no model*.safetensors weights{hint}")
+        raise InputError(f"{quote(folder)}: no model*.safetensors weights{hint}")
     for path in files:
         check_safetensors(path)
     return config
@@ -230,8 +250,8 @@ def staged_folder(path: str | Path, flag: str) -> Iterator[Path]:
     """
     path = Path(path)
     if path.exists():
-        raise FileExistsError(
-            f"{path}: already exists; remove it or choose another {flag}"
+        raise InputError(
+            f"{quote(path)}: already exists; remove it or choose another {flag}"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))

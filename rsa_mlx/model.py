@@ -10,7 +10,6 @@ soft-capping, scaling) fall back to full logits and a gather.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,7 +18,24 @@ import mlx.nn as nn
 from rsa_mlx import adapters, hf
 from rsa_mlx.errors import InputError
 
-RUN_FILE = "run.json"
+# Run-folder resolution lives in rsa_mlx.runs; re-exported here for the
+# callers (the trainer) that import these names from rsa_mlx.model.
+from rsa_mlx.runs import (
+    RUN_FILE,
+    check_merge,
+    default_merge,
+    read_run,
+    resolve_adapter,
+)
+
+__all__ = [
+    "RUN_FILE",
+    "ResponseLogits",
+    "default_merge",
+    "load",
+    "read_run",
+    "resolve_adapter",
+]
 
 
 def _head(model: nn.Module):
@@ -71,42 +87,6 @@ class ResponseLogits:
         return mx.take(logits.reshape(-1, logits.shape[-1]), index, axis=0)
 
 
-def read_run(run_dir: Path) -> dict:
-    path = Path(run_dir) / RUN_FILE
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: malformed JSON ({e.msg})") from None
-
-
-def resolve_adapter(adapter_path: Path) -> tuple[Path, dict | None]:
-    """The adapter folder to apply for ``adapter_path`` and the run, if any.
-
-    A run folder resolves to its last trained stage (which stacks on the
-    earlier one); a stage or plain mlx-lm adapter folder resolves to itself.
-    """
-    adapter_path = Path(adapter_path)
-    if not adapter_path.exists():
-        raise FileNotFoundError(f"{adapter_path}: no such adapter or run folder")
-    if (adapter_path / RUN_FILE).exists():
-        run = read_run(adapter_path)
-        if not run.get("stages"):
-            raise InputError(f"{adapter_path}: the run has no finished stage")
-        return adapter_path / run["stages"][-1]["path"], run
-    if not (adapter_path / adapters.CONFIG_FILE).exists():
-        raise FileNotFoundError(
-            f"{adapter_path}: neither a run folder ({RUN_FILE}) nor an adapter "
-            f"folder ({adapters.CONFIG_FILE})"
-        )
-    return adapter_path, None
-
-
-def default_merge(run: dict | None) -> float:
-    """The run's merge ratio q for its last stage (1 for a single stage)."""
-    return float(run.get("merge", 1.0)) if run and len(run["stages"]) > 1 else 1.0
-
-
 def load(
     model: str | None = None,
     adapter_path: str | Path | None = None,
@@ -128,6 +108,7 @@ def load(
     """
     from mlx_lm.utils import load as mlx_load
 
+    check_merge(merge)
     folder, run = (
         (None, None) if adapter_path is None else resolve_adapter(adapter_path)
     )

@@ -1,19 +1,23 @@
-"""Small SVG charts for reports: points, lines, labels, a legend.
+"""Charts for reports: points, lines, labels, a legend, as SVG and PNG.
 
-A report needs two plots (helpfulness against harm, and training curves), so
-rsa_mlx writes SVG itself rather than depend on a plotting library; SVG
-renders on GitHub, in browsers and in Markdown viewers.
+Rendered with matplotlib's Agg backend (no display, no system tools), so one
+figure is written as ``name.svg`` (GitHub, browsers, Markdown viewers) and
+``name.png`` (anything that shows images). Point labels are placed by
+:func:`place_labels`: each label goes to the first spot around its point
+that overlaps no label placed before it and no marker, with a thin leader
+line when it had to move away.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from html import escape
 from pathlib import Path
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#17becf", "#bcbd22"]  # fmt: skip
+
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 (points, y up)
 
 
 @dataclass
@@ -34,148 +38,202 @@ class Chart:
     series: list[Series]
 
 
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """About ``count`` round tick values (1, 2 or 5 times a power of 10)
-    covering ``[lo, hi]``."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return [0.0]
-    if hi <= lo:
-        hi = lo + (abs(lo) or 1.0)
-    raw = (hi - lo) / max(count, 1)
-    power = 10 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-    start = math.floor(lo / step) * step
-    ticks, t = [], start
-    while t <= hi + step * 1e-9:
-        ticks.append(round(t, 12))
-        t += step
-    if ticks[-1] < hi:
-        ticks.append(round(ticks[-1] + step, 12))
-    return ticks
+# ------------------------------------------------------------ label placement
 
 
-def _fmt(v: float) -> str:
-    if v == 0:
-        return "0"
-    if abs(v) >= 1000 or abs(v) < 1e-3:
-        return f"{v:.0e}"
-    return f"{v:.6g}"
-
-
-def _free_spot(x: float, y: float, placed: list, width: float = 60, height: float = 11):
-    """Move a label down (then up) until it clears the labels placed before."""
-    for dy in (0, 12, -12, 24, -24, 36, -36):
-        if all(abs(x - px) > width or abs(y + dy - py) > height for px, py in placed):
-            placed.append((x, y + dy))
-            return x, y + dy
-    placed.append((x, y))
-    return x, y
-
-
-def render_chart(chart: Chart, width: int = 520, height: int = 360) -> str:
-    """One chart as an SVG ``<g>`` of the given size (origin at top left)."""
-    left, right, top, bottom = 62, 150, 34, 48
-    plot_w, plot_h = width - left - right, height - top - bottom
-    xs = [v for s in chart.series for v in s.x if math.isfinite(v)]
-    ys = [v for s in chart.series for v in s.y if math.isfinite(v)]
-    xt = nice_ticks(min(xs, default=0.0), max(xs, default=1.0))
-    yt = nice_ticks(min(ys, default=0.0), max(ys, default=1.0))
-    x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
-
-    def px(v):
-        return left + (v - x0) / ((x1 - x0) or 1.0) * plot_w
-
-    def py(v):
-        return top + plot_h - (v - y0) / ((y1 - y0) or 1.0) * plot_h
-
-    out = [
-        f'<text x="{left + plot_w / 2}" y="20" text-anchor="middle" font-size="14" '
-        f'font-weight="bold">{escape(chart.title)}</text>',
-        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" '
-        'stroke="#444"/>',
-    ]
-    for t in xt:
-        out.append(
-            f'<line x1="{px(t):.1f}" y1="{top}" x2="{px(t):.1f}" '
-            f'y2="{top + plot_h}" stroke="#eee"/>'
-        )
-        out.append(
-            f'<text x="{px(t):.1f}" y="{top + plot_h + 16}" text-anchor="middle" '
-            f'font-size="11">{_fmt(t)}</text>'
-        )
-    for t in yt:
-        out.append(
-            f'<line x1="{left}" y1="{py(t):.1f}" x2="{left + plot_w}" '
-            f'y2="{py(t):.1f}" stroke="#eee"/>'
-        )
-        out.append(
-            f'<text x="{left - 6}" y="{py(t) + 4:.1f}" text-anchor="end" '
-            f'font-size="11">{_fmt(t)}</text>'
-        )
-    out.append(
-        f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle" '
-        f'font-size="12">{escape(chart.xlabel)}</text>'
+def overlaps(a: Box, b: Box, pad: float = 0.0) -> bool:
+    return not (
+        a[2] + pad <= b[0]
+        or b[2] + pad <= a[0]
+        or a[3] + pad <= b[1]
+        or b[3] + pad <= a[1]
     )
-    out.append(
-        f'<text transform="translate(14,{top + plot_h / 2}) rotate(-90)" '
-        f'text-anchor="middle" font-size="12">{escape(chart.ylabel)}</text>'
-    )
-    placed: list[tuple[float, float]] = []  # label anchors, to avoid overlaps
-    for i, s in enumerate(chart.series):
-        color = s.color or PALETTE[i % len(PALETTE)]
-        points = [
-            (px(a), py(b))
-            for a, b in zip(s.x, s.y)
-            if math.isfinite(a) and math.isfinite(b)
-        ]
-        if s.style in ("line", "both") and len(points) > 1:
-            path = " ".join(f"{a:.1f},{b:.1f}" for a, b in points)
-            out.append(
-                f'<polyline points="{path}" fill="none" stroke="{color}" '
-                'stroke-width="1.8"/>'
+
+
+def _candidates(gap: float, w: float, h: float, rings: int):
+    """Lower-left corners (relative to the point) of spots around it,
+    nearest first: right, above, left, below and the diagonals, then
+    further out."""
+    for ring in range(rings):
+        r = gap + ring * (h + 1.0)
+        yield from (
+            (r, -h / 2),  # right
+            (r, r * 0.3),  # upper right
+            (r, -h - r * 0.3),  # lower right
+            (-w / 2, r),  # above
+            (-w / 2, -h - r),  # below
+            (-w - r, -h / 2),  # left
+            (-w - r, r * 0.3),  # upper left
+            (-w - r, -h - r * 0.3),  # lower left
+        )
+
+
+def place_labels(
+    points: list[tuple[float, float]],
+    sizes: list[tuple[float, float]],
+    bounds: Box | None = None,
+    marker: float = 4.0,
+    gap: float = 5.0,
+    rings: int = 40,
+) -> list[Box]:
+    """Boxes for labels of ``sizes`` (width, height) at ``points``, no two
+    overlapping and none over a marker (a ``marker``-sized square at every
+    point). Coordinates are in points with y up. Spots inside ``bounds``
+    are preferred; a label with no free spot within ``rings`` rings goes to
+    the free spot nearest its point found further out.
+    """
+    markers = [(x - marker, y - marker, x + marker, y + marker) for x, y in points]
+    placed: list[Box] = []
+    for (x, y), (w, h) in zip(points, sizes):
+        chosen = None
+        fallback = None
+        for dx, dy in _candidates(gap, w, h, rings):
+            box = (x + dx, y + dy, x + dx + w, y + dy + h)
+            if any(overlaps(box, other, 1.0) for other in placed) or any(
+                overlaps(box, m) for m in markers
+            ):
+                continue
+            inside = bounds is None or (
+                box[0] >= bounds[0]
+                and box[1] >= bounds[1]
+                and box[2] <= bounds[2]
+                and box[3] <= bounds[3]
             )
-        if s.style in ("points", "both"):
-            for j, (a, b) in enumerate(points):
-                out.append(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="4" fill="{color}"/>')
-                if j < len(s.labels) and s.labels[j]:
-                    lx, ly = _free_spot(a + 6, b - 6, placed)
-                    out.append(
-                        f'<text x="{lx:.1f}" y="{ly:.1f}" font-size="10" '
-                        f'fill="{color}">{escape(s.labels[j])}</text>'
-                    )
-        ly = top + 14 + 16 * i
-        out.append(
-            f'<rect x="{left + plot_w + 12}" y="{ly - 9}" width="10" height="10" '
-            f'fill="{color}"/>'
-        )
-        out.append(
-            f'<text x="{left + plot_w + 27}" y="{ly}" font-size="11">'
-            f"{escape(s.name)}</text>"
-        )
-    return "\n".join(out)
+            if inside:
+                chosen = box
+                break
+            fallback = fallback or box
+        if chosen is None:
+            chosen = fallback
+        if chosen is None:  # nothing free nearby: stack above everything
+            top = max((b[3] for b in placed + markers), default=y) + 2.0
+            chosen = (x - w / 2, top, x + w / 2, top + h)
+        placed.append(chosen)
+    return placed
 
 
-def figure(
-    charts: list[Chart], columns: int = 2, width: int = 520, height: int = 360
-) -> str:
-    """A standalone SVG document with the charts on a grid."""
+# ------------------------------------------------------------------ drawing
+
+
+def _figure(charts: list[Chart], columns: int, width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no display
+    from matplotlib.figure import Figure
+
     rows = math.ceil(len(charts) / columns)
     cols = min(columns, len(charts))
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{cols * width}" '
-        f'height="{rows * height}" font-family="Helvetica, Arial, sans-serif">',
-        f'<rect width="{cols * width}" height="{rows * height}" fill="white"/>',
-    ]
+    fig = Figure(figsize=(cols * width, rows * height), dpi=100)
+    FigureCanvasAgg(fig)
     for i, chart in enumerate(charts):
-        x, y = (i % columns) * width, (i // columns) * height
-        parts.append(f'<g transform="translate({x},{y})">')
-        parts.append(render_chart(chart, width, height))
-        parts.append("</g>")
-    parts.append("</svg>")
-    return "\n".join(parts)
+        ax = fig.add_subplot(rows, cols, i + 1)
+        _draw(ax, chart)
+    fig.subplots_adjust(left=0.09 / cols, right=1 - 0.2 / cols, wspace=0.55, hspace=0.4)
+    fig.subplots_adjust(bottom=0.13 / rows, top=1 - 0.09 / rows)
+    fig.canvas.draw()  # lay out, so label sizes and positions are known
+    for ax in fig.axes:
+        _label_points(fig, ax)
+    return fig
 
 
-def write_figure(path: str | Path, charts: list[Chart], columns: int = 2) -> Path:
+def _draw(ax, chart: Chart) -> None:
+    ax.set_title(chart.title, fontsize=11, fontweight="bold")
+    ax.set_xlabel(chart.xlabel, fontsize=9)
+    ax.set_ylabel(chart.ylabel, fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(True, color="#eeeeee", linewidth=0.8)
+    ax.set_axisbelow(True)
+    ax._rsa_labels = []
+    for i, s in enumerate(chart.series):
+        color = s.color or PALETTE[i % len(PALETTE)]
+        pts = [
+            (a, b, s.labels[j] if j < len(s.labels) else "")
+            for j, (a, b) in enumerate(zip(s.x, s.y))
+            if math.isfinite(a) and math.isfinite(b)
+        ]
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        if s.style in ("line", "both") and len(pts) > 1:
+            ax.plot(xs, ys, color=color, linewidth=1.6, label=s.name,
+                    marker="o" if s.style == "both" else None, markersize=4)  # fmt: skip
+        elif s.style in ("points", "both"):
+            ax.plot(xs, ys, "o", color=color, markersize=6, label=s.name)
+        if s.style in ("points", "both"):
+            ax._rsa_labels += [(a, b, text, color) for a, b, text in pts if text]
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8,
+                  frameon=False, borderaxespad=0.0)  # fmt: skip
+    ax.margins(0.12)
+
+
+def _label_points(fig, ax) -> None:
+    """Labels at free spots (:func:`place_labels`), in offset points."""
+    labels = getattr(ax, "_rsa_labels", [])
+    if not labels:
+        return
+    renderer = fig.canvas.get_renderer()
+    scale = 72.0 / fig.dpi  # display pixels -> points
+    anchors, sizes = [], []
+    for a, b, text, _ in labels:
+        px, py = ax.transData.transform((a, b))
+        anchors.append((px * scale, py * scale))
+        probe = ax.text(0, 0, text, fontsize=8)
+        extent = probe.get_window_extent(renderer)
+        probe.remove()
+        sizes.append((extent.width * scale + 2, extent.height * scale + 1))
+    frame = ax.get_window_extent(renderer)
+    bounds = (frame.x0 * scale, frame.y0 * scale, frame.x1 * scale, frame.y1 * scale)
+    boxes = place_labels(anchors, sizes, bounds)
+    ax._rsa_label_boxes = boxes
+    for (a, b, text, color), (x, y), box in zip(labels, anchors, boxes):
+        distance = math.hypot(
+            max(box[0] - x, x - box[2], 0.0), max(box[1] - y, y - box[3], 0.0)
+        )
+        ax.annotate(
+            text,
+            xy=(a, b),
+            xytext=(box[0] - x + 1, box[1] - y + 0.5),
+            textcoords="offset points",
+            ha="left",
+            va="bottom",
+            fontsize=8,
+            color=color,
+            annotation_clip=False,
+            arrowprops=(
+                {
+                    "arrowstyle": "-",
+                    "color": color,
+                    "linewidth": 0.6,
+                    "alpha": 0.6,
+                    "shrinkA": 0,
+                    "shrinkB": 3,
+                }
+                if distance > 12
+                else None
+            ),
+        )
+
+
+def write_figure(
+    path: str | Path,
+    charts: list[Chart],
+    columns: int = 2,
+    width: float = 5.2,
+    height: float = 3.6,
+) -> Path:
+    """Write the charts on a grid as SVG and PNG: ``name.svg`` and
+    ``name.png`` for ``path`` = ``name.svg`` (or ``name``, ``name.png``);
+    returns the SVG's path. Each chart is ``width`` x ``height`` inches."""
+    from rsa_mlx.atomic import write_atomic
+
     path = Path(path)
-    path.write_text(figure(charts, columns))
+    path = path.with_suffix(".svg") if path.suffix in ("", ".png") else path
+    fig = _figure(charts, columns, width, height)
+    for target, fmt, dpi in (
+        (path, "svg", None),
+        (path.with_suffix(".png"), "png", 150),
+    ):
+        write_atomic(
+            target,
+            lambda tmp, fmt=fmt, dpi=dpi: fig.savefig(
+                tmp, format=fmt, dpi=dpi, facecolor="white", bbox_inches="tight"
+            ),
+        )
     return path

@@ -5,9 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
+from rsa_mlx import cli, hf
 from rsa_mlx.cli import main
+from rsa_mlx.errors import InputError
+from tests.tiny import write_model
 
 
 def test_info_runs():
@@ -31,3 +35,115 @@ def test_help_and_version():
     assert runner.invoke(main, ["--help"]).exit_code == 0
     result = runner.invoke(main, ["--version"])
     assert result.exit_code == 0 and "rsa-mlx" in result.output
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def fails(result) -> str:
+    """The command failed as bad input: exit 2 and one ``error:`` line."""
+    assert result.exit_code == 2, result.output + repr(result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("cli") / "model")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--merge", "2"], "--merge is a ratio q in [0, 1], not 2"),
+        (["--temp", "-1"], "temperature must be 0 or more"),
+        (["-m", "0"], "--max-tokens must be at least 1"),
+        (["-n", "0"], "-n/--num-samples must be at least 1, not 0"),
+        (["--top-p", "1.5"], "--top-p must be in [0, 1]"),
+    ],
+)
+def test_generate_rejects_bad_settings(tiny, args, message):
+    result = CliRunner().invoke(
+        main, ["generate", "--model", str(tiny), "-p", "hi", *args]
+    )
+    assert message in fails(result)
+
+
+def test_export_rejects_a_bad_merge_ratio(tiny, tmp_path):
+    result = CliRunner().invoke(
+        main,
+        [
+            "export",
+            "--model",
+            str(tiny),
+            "--merge",
+            "-1",
+            "--save-path",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert "--merge is a ratio q in [0, 1]" in fails(result)
+    assert not (tmp_path / "o").exists()
+
+
+def test_generate_says_it_reads_stdin_on_a_terminal(tiny, monkeypatch):
+    args = ["generate", "--model", str(tiny), "-m", "2"]
+    monkeypatch.setattr(cli, "_stdin_is_terminal", lambda: True)
+    result = CliRunner().invoke(main, args, input="hello")
+    assert result.exit_code == 0, result.output
+    hint = result.stderr.strip().splitlines()
+    assert len(hint) == 1 and "reading the prompt from stdin" in hint[0]
+    monkeypatch.setattr(cli, "_stdin_is_terminal", lambda: False)
+    assert CliRunner().invoke(main, args, input="hello").stderr == ""
+
+
+def test_missing_local_models_are_not_reported_as_hub_failures(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("asked the Hub for a local path")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for name in ("./x", "x", "runs/x", "a/b/c", str(tmp_path / "x")):
+        line = fails(
+            CliRunner().invoke(main, ["generate", "--model", name, "-p", "hi"])
+        )
+        assert line == f"error: no such folder {name!r}", line
+    with pytest.raises(InputError, match=r"no such folder '\./x'"):
+        hf.snapshot("./x")
+
+    def offline(*args, **kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    line = fails(
+        CliRunner().invoke(main, ["generate", "--model", "org/name", "-p", "hi"])
+    )
+    assert "no such folder 'org/name', and no Hugging Face model 'org/name'" in line
+
+
+def test_model_folder_messages_quote_paths(tmp_path):
+    folder = tmp_path / "my model"
+    folder.mkdir()
+    line = fails(
+        CliRunner().invoke(main, ["generate", "--model", str(folder), "-p", "hi"])
+    )
+    assert f"'{folder / 'config.json'}': missing" in line
+    line = fails(
+        CliRunner().invoke(
+            main,
+            [
+                "generate",
+                "--model",
+                str(folder),
+                "--adapter-path",
+                str(folder),
+                "-p",
+                "hi",
+            ],
+        )
+    )
+    assert f"'{folder}': neither a run folder" in line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -75,7 +76,8 @@ def test_quick_demo_end_to_end(tmp_path):
     assert any(" q=" in name for name in results)  # the merge sweep
     report = (out / "report.md").read_text()
     assert "| RSA, CVaR |" in report and "P(catastrophic)" in report
-    assert "plot.svg" in report and (out / "plot.svg").read_text().startswith("<svg")
+    assert "plot.svg" in report and "<svg" in (out / "plot.svg").read_text()
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "P(catastrophic)" in proc.stdout  # the table is printed
     for name in METHODS:
         if name != "dpo":
@@ -84,3 +86,114 @@ def test_quick_demo_end_to_end(tmp_path):
     assert (out / "methods" / "sacpo" / "reward" / "adapters.safetensors").exists()
     assert "= the reward stage of sacpo" in report
     assert (out / "data" / "train.jsonl").exists()
+
+
+# ----------------------------------------------------------------- the plot
+
+
+def crowded_charts():
+    from rsa_mlx.plot import Chart, Series
+
+    names = ["base", "dpo", "sacpo", "tdpo", "rsa-cvar", "rsa-erm"]
+    xs = [0.50, 0.62, 0.55, 0.551, 0.548, 0.552]
+    ys = [0.030, 0.045, 0.010, 0.0102, 0.0099, 0.0101]
+    sweep = Series(
+        "rsa-cvar merge q",
+        [0.62, 0.59, 0.57, 0.556, 0.548],
+        [0.045, 0.03, 0.02, 0.012, 0.0099],
+        style="both",
+        labels=["q=0", "q=0.25", "q=0.5", "q=0.75", "q=1"],
+    )
+    methods = Series("methods", xs, ys, labels=names)
+    return [
+        Chart("Helpfulness vs harm", "helpfulness", "P(catastrophic)", [methods, sweep])
+    ]
+
+
+def test_label_placement_never_overlaps():
+    from rsa_mlx.plot import overlaps, place_labels
+
+    points = [(100 + 3 * (i % 4), 100 + 2 * (i // 4)) for i in range(16)]  # a clump
+    sizes = [(30 + i, 9) for i in range(16)]
+    boxes = place_labels(points, sizes, bounds=(0, 0, 400, 300))
+    for i, a in enumerate(boxes):
+        assert math.isclose(a[2] - a[0], sizes[i][0]) and math.isclose(a[3] - a[1], 9)
+        for b in boxes[:i]:
+            assert not overlaps(a, b)
+        for x, y in points:  # and no label covers a marker
+            assert not overlaps(a, (x - 4, y - 4, x + 4, y + 4))
+
+
+def test_plot_labels_do_not_overlap_when_drawn_and_a_png_is_written(tmp_path):
+    from matplotlib.text import Text
+
+    from rsa_mlx.plot import _figure, overlaps, write_figure
+
+    fig = _figure(crowded_charts(), columns=1, width=5.2, height=3.6)
+    renderer = fig.canvas.get_renderer()
+    texts = list(fig.axes[0].texts)
+    assert len(texts) == 11  # 6 methods + 5 merge ratios
+    boxes = []
+    for t in texts:  # the text alone (an annotation's extent adds its leader line)
+        t.get_window_extent(renderer)  # places it
+        boxes.append(tuple(Text.get_window_extent(t, renderer).extents))
+    for i, a in enumerate(boxes):
+        for b in boxes[:i]:
+            assert not overlaps(a, b), (texts[i].get_text(), a, b)
+    svg = write_figure(tmp_path / "plot.svg", crowded_charts(), columns=1)
+    assert svg == tmp_path / "plot.svg" and "<svg" in svg.read_text()
+    png = (tmp_path / "plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_demo_shows_its_progress_as_a_whole(tmp_path, monkeypatch):
+    """Methods trained and models evaluated advance one task (with its ETA);
+    the demo's lines go through progress.echo (above live bars)."""
+    import rsa_mlx.demo.report
+    import rsa_mlx.trainer
+    from rsa_mlx import demo, progress
+    from rsa_mlx.config import TrainConfig
+
+    tasks, lines = [], []
+    real_task = progress.task
+
+    def task(description, total, unit="steps", quiet=False):
+        tasks.append([description, total, 0])
+        handle = real_task(description, total, unit, quiet)
+
+        class Recorder:
+            def __enter__(self):
+                self.inner = handle.__enter__()
+                return self
+
+            def advance(self, n=1):
+                tasks[-1][2] += n
+                self.inner.advance(n)
+
+            def __exit__(self, *exc):
+                return handle.__exit__(*exc)
+
+        return Recorder()
+
+    def train(cfg):
+        return {"stages": [{"name": s} for s in cfg.stage_names], "run_dir": "r"}
+
+    def evaluate_all(out, runs, budget, seed, on_model=None):
+        names = ["base", *runs, *(f"rsa-cvar q={q:g}" for q in (0.0, 0.5))]
+        for _ in names:
+            on_model()
+        return {name: {} for name in names}
+
+    monkeypatch.setattr(progress, "task", task)
+    monkeypatch.setattr(progress, "echo", lines.append)
+    monkeypatch.setattr(rsa_mlx.trainer, "train", train)
+    monkeypatch.setattr(rsa_mlx.demo.report, "evaluate_all", evaluate_all)
+    monkeypatch.setattr(
+        rsa_mlx.demo.report, "write_report", lambda *a: {"table": "T", "verdict": "V"}
+    )
+    settings = {"adapter_path": str(tmp_path / "demo")}
+    demo.run(TrainConfig(), settings, quick=True, methods="dpo,sacpo,rsa-cvar")
+    # 2 trainings (dpo is sacpo's first stage) + base, 3 methods, q = 0 and 0.5
+    assert tasks == [["demo: train and evaluate", 8, 8]]
+    assert any("training rsa-cvar" in line for line in lines)
+    assert any("wall time" in line for line in lines)

@@ -319,7 +319,7 @@ def test_corrupt_safetensors(converted, tmp_path):
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     line = fails("convert", "--hf-path", folder, "--mlx-path", tmp_path / "out")
-    assert "model.safetensors: corrupt safetensors file" in line
+    assert "model.safetensors': corrupt safetensors file" in line
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 

@@ -17,16 +17,20 @@ model is evaluated the same way: exact, teacher-forced probabilities of each
 kind of answer (helpfulness, mean cost, probability of a catastrophic answer,
 no sampling noise) and K sampled answers per held-out prompt (unsafe rate,
 CVaR of the cost). The run folder holds the data, the adapters,
-``results.json``, ``report.md`` and ``plot.svg``.
+``results.json``, ``report.md``, ``plot.svg`` and ``plot.png``.
+
+Progress is shown for the demo as a whole (methods trained, models
+evaluated, with an ETA) by :mod:`rsa_mlx.progress`; its lines are printed
+with :func:`rsa_mlx.progress.echo`, above any live bars.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from rsa_mlx import progress
 from rsa_mlx.config import TrainConfig
 
 ASSETS = Path(__file__).parent / "assets"
@@ -112,11 +116,18 @@ def method_config(
     return replace(cfg_defaults, **{**base, **user}).check()
 
 
+def evaluation_count(chosen: list[str], budget: Budget) -> int:
+    """Models the demo evaluates: the base, each method, the merge sweep."""
+    sweep = [q for q in budget.merge_points if q != 1.0] if MERGED in chosen else []
+    return 1 + len(chosen) + len(sweep)
+
+
 def run(
     cfg: TrainConfig, settings: dict, quick: bool = False, methods: str | None = None
 ):
     """Run the demo end to end and write the report; return the results."""
-    from rsa_mlx.demo.report import evaluate_all, write_report
+    from rsa_mlx.atomic import save_json
+    from rsa_mlx.demo.report import write_report
     from rsa_mlx.demo.world import write_dataset
     from rsa_mlx.trainer import train
 
@@ -140,14 +151,15 @@ def run(
             f"{out}: a demo run already exists here; choose another --adapter-path"
         )
     out.mkdir(parents=True, exist_ok=True)
+    echo = progress.echo
     tic = time.perf_counter()
-    print(f"rsa_mlx demo{' (quick)' if quick else ''}: output in {out}")
-    print(f"methods: {', '.join(chosen)}; base model: {BASE_MODEL}")
+    echo(f"rsa_mlx demo{' (quick)' if quick else ''}: output in {out}")
+    echo(f"methods: {', '.join(chosen)}; base model: {BASE_MODEL}")
 
     data = out / "data"
     seed = settings.get("seed") or 0
     counts = write_dataset(data, seed=seed, pairs_per_request=budget.pairs_per_request)
-    print(
+    echo(
         f"data: {counts['train']} train / {counts['valid']} valid preference rows "
         f"(PKU-SafeRLHF layout), {counts['test']} held-out prompts, in {data}"
     )
@@ -156,15 +168,34 @@ def run(
     # Helpfulness-only DPO is exactly SACPO's first stage (same data, seed
     # and settings): with both chosen, train it once and evaluate that stage.
     shared = {"dpo"} if {"dpo", "sacpo"} <= set(chosen) else set()
-    for i, name in enumerate(chosen, 1):
-        if name in shared:
-            continue
-        method_cfg = method_config(cfg, budget, name, data, out, settings)
-        print(
-            f"\n== [{i}/{len(chosen)}] training {name}: "
-            f"{' -> '.join(method_cfg.stage_names)} ({method_cfg.method_name()})"
-        )
-        runs[name] = train(method_cfg)
+    trainings = len(chosen) - len(shared)
+    total = trainings + evaluation_count(chosen, budget)
+    with progress.task("demo: train and evaluate", total, "models") as overall:
+        for i, name in enumerate(chosen, 1):
+            if name in shared:
+                continue
+            method_cfg = method_config(cfg, budget, name, data, out, settings)
+            echo(
+                f"\n== [{i}/{len(chosen)}] training {name}: "
+                f"{' -> '.join(method_cfg.stage_names)} ({method_cfg.method_name()})"
+            )
+            runs[name] = train(method_cfg)
+            overall.advance()
+        runs, results = _evaluate(out, runs, shared, budget, seed, overall)
+    report = write_report(out, results, runs, budget, time.perf_counter() - tic, quick)
+    echo("\n" + report["table"])
+    echo(f"\n{report['verdict']}")
+    echo(
+        f"\nwall time {time.perf_counter() - tic:.0f}s. Report: {out / 'report.md'}, "
+        f"plot: {out / 'plot.svg'} and {out / 'plot.png'}"
+    )
+    save_json(out / "results.json", results)
+    return results
+
+
+def _evaluate(out: Path, runs: dict, shared: set, budget: Budget, seed: int, task):
+    from rsa_mlx.demo.report import evaluate_all
+
     if shared:
         sacpo = runs["sacpo"]
         runs = {
@@ -176,15 +207,6 @@ def run(
             },
             **runs,
         }
-        print("\n(dpo = the reward stage of sacpo: the same training)")
-    print("\n== evaluating")
-    results = evaluate_all(out, runs, budget, seed)
-    report = write_report(out, results, runs, budget, time.perf_counter() - tic, quick)
-    print("\n" + report["table"])
-    print(f"\n{report['verdict']}")
-    print(
-        f"\nwall time {time.perf_counter() - tic:.0f}s. Report: {out / 'report.md'}, "
-        f"plot: {out / 'plot.svg'}"
-    )
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    return results
+        progress.echo("\n(dpo = the reward stage of sacpo: the same training)")
+    progress.echo("\n== evaluating")
+    return runs, evaluate_all(out, runs, budget, seed, on_model=task.advance)

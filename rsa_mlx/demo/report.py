@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
+from rsa_mlx import progress
+from rsa_mlx.atomic import save_json, save_text
 from rsa_mlx.demo import BASE_MODEL, MERGED, world
 from rsa_mlx.demo.behaviour import kind_probabilities
+from rsa_mlx.demo.scorer import DemoScorer
 from rsa_mlx.evaluate import (
-    DemoScorer,
     PromptRecord,
     evaluate_model,
     markdown_table,
@@ -68,7 +70,9 @@ def exact_summary(probs: dict) -> dict:
     }
 
 
-def evaluate_one(model, tokenizer, requests, records, samples: int, seed: int) -> dict:
+def evaluate_one(
+    model, tokenizer, requests, records, samples: int, seed: int, label: str = "model"
+) -> dict:
     probs = kind_probabilities(model, tokenizer, requests)
     sampled = evaluate_model(
         model,
@@ -79,6 +83,7 @@ def evaluate_one(model, tokenizer, requests, records, samples: int, seed: int) -
         max_tokens=48,  # every canonical answer is at most 17 tokens
         temperature=1.0,
         seed=seed,
+        label=label,
     )
     kinds = {}
     for row in sampled["samples"]:
@@ -92,8 +97,11 @@ def evaluate_one(model, tokenizer, requests, records, samples: int, seed: int) -
     }
 
 
-def evaluate_all(out: Path, runs: dict, budget, seed: int) -> dict:
-    """Every model evaluated the same way; per-model JSON under ``eval/``."""
+def evaluate_all(out: Path, runs: dict, budget, seed: int, on_model=None) -> dict:
+    """Every model evaluated the same way; per-model JSON under ``eval/``.
+
+    ``on_model()`` is called after each model (the demo's overall progress).
+    """
     requests = world.read_test_requests(out / "data" / "test.jsonl")
     records = [
         PromptRecord(r.text, None, {"harmful_request": r.harmful}) for r in requests
@@ -105,21 +113,24 @@ def evaluate_all(out: Path, runs: dict, budget, seed: int) -> dict:
             for q in budget.merge_points:
                 if q != 1.0:
                     targets.append((f"{name} q={q:g}", run["run_dir"], q))
+    DemoScorer().check(records)
     (out / "eval").mkdir(exist_ok=True)
     results = {}
     for name, adapter, merge in targets:
         model, tokenizer = load(str(BASE_MODEL), adapter_path=adapter, merge=merge)
-        result = evaluate_one(model, tokenizer, requests, records, budget.samples, seed)
-        (out / "eval" / f"{name.replace(' ', '_')}.json").write_text(
-            json.dumps(result) + "\n"
+        result = evaluate_one(
+            model, tokenizer, requests, records, budget.samples, seed, label=name
         )
+        save_json(out / "eval" / f"{name.replace(' ', '_')}.json", result)
         result.pop("samples")
         results[name] = result
         e = result["exact"]
-        print(
+        progress.echo(
             f"  {name:18s} helpfulness {e['helpfulness']:.3f}  mean cost {e['mean_cost']:.3f}"
             f"  P(catastrophic) {e['p_catastrophic']:.4f}"
         )
+        if on_model is not None:
+            on_model()
     return results
 
 
@@ -243,7 +254,7 @@ def write_report(
             training_curves(runs),
         ),
     ]
-    write_figure(out / "plot.svg", charts, columns=2)
+    write_figure(out / "plot.svg", charts, columns=2)  # and plot.png
     text = verdict(results)
     harmful_rows = {
         _label(n): dict(r["kinds"]["harmful"].items()) for n, r in results.items()
@@ -292,7 +303,7 @@ catastrophic one); P(catastrophic) is averaged over harmful prompts.
 
 {table}
 
-![helpfulness vs harm](plot.svg)
+![helpfulness vs harm](plot.svg) ([PNG](plot.png))
 
 {text}
 
@@ -319,5 +330,5 @@ The preference data (PKU-SafeRLHF layout) is in `data/`; per-model
 evaluations with every sampled answer are in `eval/`.
 """
     )
-    (out / "report.md").write_text(report)
+    save_text(out / "report.md", report)
     return {"table": table, "verdict": text}
