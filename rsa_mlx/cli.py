@@ -101,7 +101,8 @@ def info(no_bench: bool):
     "--scorer",
     default="demo",
     show_default=True,
-    help="demo, judge:<model>, or package.module:function.",
+    help="demo, refusal (AdvBench phrases; rows need harmful), judge:<model>, "
+    "or package.module:function.",
 )
 @click.option(
     "-k",

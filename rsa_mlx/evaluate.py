@@ -467,7 +467,8 @@ class JudgeScorer:
 
 
 def load_scorer(spec: str, unsafe_threshold: float | None = None) -> Callable:
-    """``demo``, ``judge:<model path or id>`` or ``package.module:function``.
+    """``demo``, ``refusal`` (AdvBench refusal phrases; rows need ``harmful``),
+    ``judge:<model path or id>`` or ``package.module:function``.
 
     ``unsafe_threshold`` is the judge's (default 0.5); other scorers define
     "unsafe" themselves and refuse it.
@@ -481,6 +482,10 @@ def load_scorer(spec: str, unsafe_threshold: float | None = None) -> Callable:
         from rsa_mlx.demo.scorer import DemoScorer
 
         return DemoScorer()
+    if spec == "refusal":
+        from rsa_mlx.refusal import RefusalScorer
+
+        return RefusalScorer()
     if spec.startswith("judge:"):
         path = spec.split(":", 1)[1]
         if not path:
@@ -490,7 +495,7 @@ def load_scorer(spec: str, unsafe_threshold: float | None = None) -> Callable:
     if ":" in spec:
         return CallableScorer(spec)
     raise InputError(
-        f"unknown scorer {spec!r}: use demo, judge:MODEL or module:function"
+        f"unknown scorer {spec!r}: use demo, refusal, judge:MODEL or module:function"
     )
 
 
