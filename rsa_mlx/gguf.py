@@ -18,6 +18,7 @@ else is refused with an :class:`~rsa_mlx.errors.InputError` naming the file.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 from rsa_mlx import hf
@@ -82,6 +83,21 @@ PRE_TOKENIZERS = {
     "default": _DEFAULT,
 }
 
+# ggml tensor types mx.load returns exactly (Q*: as affine-quantised triples).
+TENSOR_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 30: "BF16"}
+GGML_TYPE_NAMES = {
+    **TENSOR_TYPES,
+    6: "Q5_0",
+    7: "Q5_1",
+    9: "Q8_1",
+    10: "Q2_K",
+    11: "Q3_K",
+    12: "Q4_K",
+    13: "Q5_K",
+    14: "Q6_K",
+    15: "Q8_K",
+}
+
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
 CONTROL, USER_DEFINED = 3, 4
 
@@ -124,12 +140,29 @@ def gguf_to_hf(
 
 
 def read_gguf(path: Path) -> tuple[dict, dict]:
-    """``mx.load`` of a GGUF file: (tensors, metadata), with one-line errors."""
+    """``mx.load`` of a GGUF file: (tensors, metadata), with one-line errors.
+
+    The tensor types are checked first: ``mx.load`` would silently decode
+    some other types (k-quants) to float16, with an extra rounding and a
+    decoder this module does not check; those are refused instead.
+    """
     import mlx.core as mx
 
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise InputError(f"{quote(path)}: not a GGUF file (no GGUF magic)")
+    try:
+        types = tensor_types(path)
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{quote(path)}: cannot read this GGUF file ({e})") from None
+    bad = {n: t for n, t in types.items() if t not in TENSOR_TYPES}
+    if bad:
+        name, kind = next(iter(bad.items()))
+        raise InputError(
+            f"{quote(path)}: tensor type {GGML_TYPE_NAMES.get(kind, kind)} "
+            f"(of {name!r} and {len(bad) - 1} more) is not supported "
+            f"(supported: {', '.join(TENSOR_TYPES.values())})"
+        )
     try:
         return mx.load(str(path), format="gguf", return_metadata=True)
     except (RuntimeError, ValueError) as e:
@@ -137,6 +170,61 @@ def read_gguf(path: Path) -> tuple[dict, dict]:
         raise InputError(
             f"{quote(path)}: cannot read this GGUF file ({reason})"
         ) from None
+
+
+# GGUF metadata value types with a fixed size: type id -> struct format.
+_FIXED = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?"}
+_FIXED.update({10: "Q", 11: "q", 12: "d"})
+_STRING, _ARRAY = 8, 9
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """Each tensor's ggml type id, read from the GGUF header (version 2 or 3)."""
+    with open(path, "rb") as f:
+
+        def unpack(fmt):
+            size = struct.calcsize(fmt)
+            data = f.read(size)
+            if len(data) < size:
+                raise ValueError("header cut short")
+            return struct.unpack("<" + fmt, data)[0]
+
+        def skip(kind):
+            if kind in _FIXED:
+                f.seek(struct.calcsize(_FIXED[kind]), 1)
+            elif kind == _STRING:
+                f.seek(unpack("Q"), 1)
+            elif kind == _ARRAY:
+                item, count = unpack("I"), unpack("Q")
+                if item in _FIXED:
+                    f.seek(count * struct.calcsize(_FIXED[item]), 1)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            else:
+                raise ValueError(f"unknown metadata type {kind}")
+
+        def string():
+            n = unpack("Q")
+            data = f.read(n)
+            if len(data) < n:
+                raise ValueError("header cut short")
+            return data.decode()
+
+        f.seek(4)
+        if unpack("I") not in (2, 3):
+            raise ValueError("unsupported GGUF version")
+        n_tensors, n_kv = unpack("Q"), unpack("Q")
+        for _ in range(n_kv):
+            string()
+            skip(unpack("I"))
+        types = {}
+        for _ in range(n_tensors):
+            name = string()
+            f.seek(8 * unpack("I"), 1)  # the dimensions
+            types[name] = unpack("I")
+            unpack("Q")  # offset
+        return types
 
 
 def _value(meta: dict, key: str, default=None):
