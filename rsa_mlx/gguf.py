@@ -117,6 +117,10 @@ def gguf_to_hf(
     path = Path(gguf_path)
     if not path.is_file():
         raise InputError(f"{quote(path)}: no such GGUF file")
+    if Path(out_dir).exists():  # before the slow part (staged_folder says so too)
+        raise FileExistsError(
+            f"{out_dir}: already exists; remove it or choose another output folder"
+        )
     tensors, meta = read_gguf(path)
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
