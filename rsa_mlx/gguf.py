@@ -162,9 +162,10 @@ def read_gguf(path: Path) -> tuple[dict, dict]:
     bad = {n: t for n, t in types.items() if t not in TENSOR_TYPES}
     if bad:
         name, kind = next(iter(bad.items()))
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         raise InputError(
             f"{quote(path)}: tensor type {GGML_TYPE_NAMES.get(kind, kind)} "
-            f"(of {name!r} and {len(bad) - 1} more) is not supported "
+            f"(of {name!r}{more}) is not supported "
             f"(supported: {', '.join(TENSOR_TYPES.values())})"
         )
     try:
@@ -392,7 +393,7 @@ def build_tokenizer(path: Path, meta: dict):
     if kind != "gpt2":
         raise InputError(
             f"{quote(path)}: tokenizer type {kind!r} is not supported "
-            "(only 'gpt2', byte-level BPE)"
+            "(only 'gpt2', byte-level BPE; not sentencepiece 'llama')"
         )
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
