@@ -325,7 +325,8 @@ def read_results(paths) -> dict[str, dict]:
     "--model",
     "hf_path",
     required=True,
-    help="Local HF model folder or Hugging Face id (offline: from the cache).",
+    help="Local HF model folder, Hugging Face id (offline: from the cache), "
+    "or a .gguf file (llama, mistral, qwen2; F32/F16/BF16/Q4_0/Q4_1/Q8_0).",
 )
 @click.option(
     "--mlx-path",
@@ -359,6 +360,7 @@ def convert(hf_path, mlx_path, quantize, q_bits, q_group_size, q_mode, dtype, **
       rsa-mlx convert --hf-path Qwen/Qwen2.5-0.5B-Instruct --mlx-path qwen-mlx
       rsa-mlx convert --hf-path ./my-hf-model --mlx-path m-4bit -q --q-bits 4
       rsa-mlx convert --hf-path ./my-hf-model --mlx-path m-f32 --dtype float32
+      rsa-mlx convert --hf-path SmolLM2-135M-Instruct.Q4_1.gguf --mlx-path smollm2
     """
     from rsa_mlx.convert import convert as run_convert
 

@@ -8,12 +8,20 @@ only when complete; RoPE keys that transformers >= 5 nests under
 ``rope_parameters`` are restored to the top level, where mlx-lm reads them
 (:func:`rsa_mlx.hf.config_fixes`); a sentencepiece ``tokenizer.model`` is carried over so
 the folder also loads where only the slow tokenizer is understood.
+
+A ``.gguf`` file (llama.cpp / Ollama) is first turned into a float32 Hugging
+Face folder by :func:`rsa_mlx.gguf.gguf_to_hf` (de-quantised exactly), then
+converted the same way; ``-q`` re-quantises it, with groups of 32 (GGUF's own
+block size) unless ``--q-group-size`` says otherwise: groups of 64 measurably
+broke SmolLM2-135M's answers where 32 kept them.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 from rsa_mlx import hf
@@ -46,8 +54,19 @@ def convert(
         raise InputError(f"--q-mode {q_mode!r}: choose one of {', '.join(Q_MODES)}")
     if dtype is not None and dtype not in DTYPES:
         raise InputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    with hf.staged_folder(mlx_path, "--mlx-path") as out:
-        source = hf.snapshot(hf_path, revision, allow_patterns=hf.MODEL_PATTERNS)
+    with ExitStack() as stack:
+        out = stack.enter_context(hf.staged_folder(mlx_path, "--mlx-path"))
+        if str(hf_path).endswith(".gguf"):
+            from rsa_mlx.gguf import gguf_to_hf
+
+            tmp = stack.enter_context(
+                tempfile.TemporaryDirectory(dir=out.parent, prefix=".gguf-")
+            )
+            source = gguf_to_hf(hf_path, Path(tmp) / "hf", dtype="float32")
+            if quantize and q_group_size is None:
+                q_group_size = 32
+        else:
+            source = hf.snapshot(hf_path, revision, allow_patterns=hf.MODEL_PATTERNS)
         hf.check_model_folder(source)
         mlx_convert(
             str(source),

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rsa_mlx.errors import DataError, quote
+from rsa_mlx.errors import DataError, InputError, quote
 
 STAGES = ("reward", "safety")
 SPLITS = ("train", "valid", "test")
@@ -304,7 +304,7 @@ def _download_dataset(source: str) -> Path:
     ]
     try:
         root = snapshot(repo_id, repo_type="dataset", allow_patterns=patterns)
-    except FileNotFoundError:
+    except (FileNotFoundError, InputError):
         raise DataError(
             f"no such file or folder {quote(source)}, and no Hugging Face dataset "
             f"{quote(repo_id)} could be fetched or found in the local cache"

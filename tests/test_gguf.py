@@ -592,3 +592,35 @@ def test_smollm2_loads_in_mlx_lm_and_transformers(tmp_path):
     assert tokenizer.encode("2024") == [
         tokenizer.convert_tokens_to_ids(d) for d in "2024"
     ]
+
+
+# ------------------------------------------------------------ rsa-mlx convert
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_convert_command_accepts_a_gguf_file(tmp_path, quantize):
+    from click.testing import CliRunner
+    from mlx_lm.utils import load as mlx_load
+
+    from rsa_mlx.cli import main
+
+    hf = write_hf(tmp_path / "hf", "llama", tied=True)
+    path = tmp_path / "tiny.gguf"
+    hf_to_gguf(hf, path, quant={"model.layers.0.mlp.up_proj.weight": Q8_0})
+    out = tmp_path / "mlx"
+    args = ["convert", "--hf-path", str(path), "--mlx-path", str(out)]
+    result = CliRunner().invoke(main, args + (["-q"] if quantize else []))
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    if quantize:  # GGUF's own block size, not mlx-lm's default of 64
+        assert config["quantization"]["group_size"] == 32
+    model, tokenizer = mlx_load(str(out))
+    logits = model(mx.array([tokenizer.encode("hello 123")]))
+    assert np.isfinite(np.array(logits)).all()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    bad = tiny_gguf(tmp_path / "bad.gguf", **{"general.architecture": "gemma3"})
+    result = CliRunner().invoke(
+        main, ["convert", "--hf-path", str(bad), "--mlx-path", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 2 and not (tmp_path / "x").exists()
+    assert result.output.startswith("error: ") and "gemma3" in result.output
