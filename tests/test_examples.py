@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.hf_tiny import torch_or_skip, write_hf_model
 from tests.tiny import pku_rows, write_jsonl
 
@@ -26,6 +28,7 @@ def run(command, env, cwd):
     return out.stdout
 
 
+@pytest.mark.slow
 def test_python_api_example(tmp_path):
     work = tmp_path / "work"
     stdout = run(
@@ -38,6 +41,7 @@ def test_python_api_example(tmp_path):
     assert (work / "peft" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_real_model_recipe_with_local_folders_in_the_hub_layout(tmp_path):
     torch_or_skip()
     model = write_hf_model(tmp_path / "hf-model", "qwen2")

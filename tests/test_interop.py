@@ -202,6 +202,7 @@ def rsa_mlx_command(*args, stdin=None):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("converted", ["llama"], indirect=True)
 def test_every_command_as_a_subprocess(aligned, tmp_path):
     root, run = aligned

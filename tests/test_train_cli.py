@@ -42,6 +42,7 @@ def run_module(*args, cwd=None):
     )
 
 
+@pytest.mark.slow
 def test_two_stage_run_end_to_end_as_a_subprocess(tiny, tmp_path):
     run_dir = tmp_path / "run"
     out = run_module(
