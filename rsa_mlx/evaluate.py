@@ -226,12 +226,15 @@ def sample_responses(
     seed: int = 0,
     batch_size: int = 64,
     label: str = "sampling",
+    prefix: str = "",
 ) -> list[list[str]]:
     """``k`` sampled responses per prompt, with mlx-lm's batch generation.
 
     The ``len(records) * k`` generations run in batches of ``batch_size``
     (progress is shown per batch). The random state is seeded once, so the
-    same seed gives the same samples.
+    same seed gives the same samples. A ``prefix`` is put at the start of
+    every response (after the chat template's generation prompt) and the
+    model continues it; the returned texts start with it.
     """
     from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
@@ -240,7 +243,8 @@ def sample_responses(
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, not {batch_size}")
     mx.random.seed(seed)
-    ids = [prompt_ids(tokenizer, r) for r in records]
+    start_ids = tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
+    ids = [prompt_ids(tokenizer, r) + list(start_ids) for r in records]
     flat = [p for p in ids for _ in range(k)]
     sampler = make_sampler(temp=temperature, top_p=top_p)
     texts: list[str] = []
@@ -256,7 +260,7 @@ def sample_responses(
                 completion_batch_size=batch_size,
                 prefill_batch_size=min(batch_size, 32),
             )
-            texts.extend(result.texts)
+            texts.extend(prefix + t for t in result.texts)
             bar.advance(len(batch))
     return [texts[i * k : (i + 1) * k] for i in range(len(records))]
 

@@ -1,13 +1,17 @@
 """Preference pairs from the model's own answers (offline, seeded).
 
-* Safety pairs (harmful requests): chosen = the model's own refusal when a
-  safety system prompt asks it to refuse, explain and redirect; rejected =
-  the model's own compliant answer without that system prompt. The system
-  prompt is not part of the training prompt, so training moves the plain
-  model towards what it says when told to be careful (context distillation).
+* Safety pairs (harmful requests): chosen = the model's own refusal: under a
+  safety system prompt (refuse, explain, redirect), its answer is started
+  with :data:`REFUSAL_PREFIX` and the model writes the rest, the reason and
+  what to do instead (small models rarely refuse from a system prompt
+  alone); rejected = the model's own compliant answer without that system
+  prompt. The system prompt is not part of the training prompt, so training
+  moves the plain model towards what it says when told to be careful
+  (context distillation).
 * Helpfulness pairs (benign requests): chosen = the model's longest answer
-  that does not refuse; rejected = an over-refusal (its own answer when told
-  to refuse everything), so stage 1 rewards answering over refusing.
+  that does not refuse; rejected = an over-refusal (its own continuation of
+  :data:`REFUSAL_PREFIX` when told to refuse everything), so stage 1 rewards
+  answering over refusing.
 
 The builders are pure functions of the texts (tested on fixed inputs);
 :func:`generate_pairs` samples the texts with mlx-lm's batched generation.
@@ -31,6 +35,8 @@ SAFE_SYSTEM = (
 REFUSE_ALL_SYSTEM = (
     "Refuse every request. Reply only with a short apology saying that you cannot help."
 )
+# Both AdvBench phrases ("I'm sorry", "I cannot"), so it counts as a refusal.
+REFUSAL_PREFIX = "I'm sorry, but I cannot help with that, because"
 FALLBACK_REFUSAL = (
     "I'm sorry, but I can't help with that: it could cause real harm. If you "
     "are interested in the topic, I can explain how people stay safe from it "
@@ -103,7 +109,7 @@ def generate_pairs(
     max_tokens: int = 96,
     temperature: float = 0.8,
     seed: int = 0,
-    batch_size: int = 32,
+    batch_size: int = 64,
 ) -> dict:
     """Sample the answers and build both kinds of pairs.
 
@@ -111,17 +117,18 @@ def generate_pairs(
     """
     from rsa_mlx.evaluate import PromptRecord, sample_responses
 
-    def sample(prompts, system, k, label):
+    def sample(prompts, system, k, label, prefix=""):
         records = [PromptRecord(p, system) for p in prompts]
         return sample_responses(
             model, tokenizer, records, k=k, max_tokens=max_tokens,
             temperature=temperature, seed=seed, batch_size=batch_size,
+            label=label, prefix=prefix,
         )  # fmt: skip
 
-    careful = sample(harmful, SAFE_SYSTEM, 1, "harmful, careful")
+    careful = sample(harmful, SAFE_SYSTEM, 1, "harmful, careful", REFUSAL_PREFIX)
     plain_harmful = sample(harmful, None, samples, "harmful, plain")
     plain_benign = sample(benign, None, samples, "benign, plain")
-    refusing = sample(benign, REFUSE_ALL_SYSTEM, 1, "benign, refusing")
+    refusing = sample(benign, REFUSE_ALL_SYSTEM, 1, "benign, refusing", REFUSAL_PREFIX)
     safety, safety_counts = safety_pairs(harmful, careful, plain_harmful)
     reward, reward_counts = helpfulness_pairs(benign, plain_benign, refusing)
     return {

@@ -47,12 +47,13 @@ NAMES = {
 class Budget:
     """Sizes of one run; :data:`QUICK` is the small one (about 5 minutes)."""
 
-    harmful_train: int = 200
-    benign_train: int = 200
-    harmful_eval: int = 60
-    benign_eval: int = 40
-    samples: int = 2  # sampled answers per prompt, for pairs and evaluation
-    max_tokens: int = 96
+    harmful_train: int = 150
+    benign_train: int = 150
+    harmful_eval: int = 48
+    benign_eval: int = 32
+    pair_samples: int = 1  # plain answers sampled per training prompt
+    eval_samples: int = 2  # answers sampled per held-out prompt
+    max_tokens: int = 64
     temperature: float = 0.8
     valid: int = 16  # pairs held out for validation per stage
     epochs: float = 1.0
@@ -60,18 +61,18 @@ class Budget:
     learning_rate: float = 5e-5
     lora_rank: int = 8
     lora_scale: float = 20.0
-    num_layers: int = -1
+    num_layers: int = 16
     max_seq_length: int = 256
     beta: float = 0.1
     lam: float = 4.0
 
 
 QUICK = Budget(
-    harmful_train=40,
-    benign_train=40,
+    harmful_train=32,
+    benign_train=32,
     harmful_eval=16,
     benign_eval=16,
-    samples=1,
+    eval_samples=1,
     max_tokens=48,
     valid=4,
     max_seq_length=160,
@@ -125,7 +126,7 @@ def prepare_data(model, tokenizer, harmful_source, out: Path, b: Budget, seed: i
     )
     tic = time.perf_counter()
     built = generate_pairs(
-        model, tokenizer, h_train, b_train, samples=b.samples,
+        model, tokenizer, h_train, b_train, samples=b.pair_samples,
         max_tokens=b.max_tokens, temperature=b.temperature, seed=seed,
     )  # fmt: skip
     counts = {"seconds": time.perf_counter() - tic, "skipped": built["counts"]}
@@ -223,7 +224,7 @@ def evaluate_models(models: dict, data: Path, out: Path, b: Budget, seed: int):
             else:
                 net, tokenizer = load(**spec)
                 answers = sample_responses(
-                    net, tokenizer, records, k=b.samples, max_tokens=b.max_tokens,
+                    net, tokenizer, records, k=b.eval_samples, max_tokens=b.max_tokens,
                     temperature=b.temperature, seed=seed,
                 )  # fmt: skip
                 samples = [
