@@ -21,8 +21,8 @@ import yaml
 
 from rsa_mlx.adapters import LoRAConfig
 from rsa_mlx.errors import ConfigError
-from rsa_mlx.losses import LOSSES
-from rsa_mlx.risk import MEASURES, resolve_mu
+from rsa_mlx.losses import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_LOSS, LOSSES
+from rsa_mlx.risk import DEFAULT_MEASURE, MEASURES, resolve_mu
 
 STAGE_CHOICES = ("both", "reward", "safety")
 ORDER_CHOICES = ("reward-first", "safety-first")
@@ -61,16 +61,16 @@ class TrainConfig:
     )
     # method (SPEC §3-§4)
     loss: str = setting(
-        "variant2", "dpo, variant1 (TDPO1/Ra-DPO1) or variant2.", choices=LOSSES
+        DEFAULT_LOSS, "dpo, variant1 (TDPO1/Ra-DPO1) or variant2.", choices=LOSSES
     )
-    risk: str = setting("cvar", "Token-level risk measure.", choices=MEASURES)
+    risk: str = setting(DEFAULT_MEASURE, "Token-level risk measure.", choices=MEASURES)
     mu: float | None = setting(
         None,
         "Risk level (not for kl).",
         default_text="0.95 for cvar and truncated, 5 for erm",
     )
-    alpha: float = setting(0.5, "variant2's weight of the risk difference.")
-    beta: float = setting(0.1, "Reward-stage temperature.")
+    alpha: float = setting(DEFAULT_ALPHA, "variant2's weight of the risk difference.")
+    beta: float = setting(DEFAULT_BETA, "Reward-stage temperature.")
     lam: float = setting(4.0, "Safety-stage temperature is beta/lam (SACPO).")
     safety_beta: float | None = setting(
         None, "Safety-stage temperature, directly.", default_text="beta/lam"

@@ -24,6 +24,8 @@ from rsa_mlx.risk import SequenceStats
 
 Loss = Literal["dpo", "variant1", "variant2"]
 LOSSES: tuple[str, ...] = ("dpo", "variant1", "variant2")
+# SPEC §3 defaults (Ra-DPO, SACPO); TrainConfig and Objective take them from here.
+DEFAULT_LOSS, DEFAULT_BETA, DEFAULT_ALPHA = "variant2", 0.1, 0.5
 
 
 def check_loss(loss: str) -> str:
@@ -35,9 +37,9 @@ def check_loss(loss: str) -> str:
 def loss_logits(
     chosen: SequenceStats,
     rejected: SequenceStats,
-    loss: Loss = "variant2",
-    beta: float = 0.1,
-    alpha: float = 0.5,
+    loss: Loss = DEFAULT_LOSS,
+    beta: float = DEFAULT_BETA,
+    alpha: float = DEFAULT_ALPHA,
 ) -> mx.array:
     """Per-pair logit ``z`` of the loss ``-log sigmoid(z)``, shape ``[P]``.
 
@@ -56,9 +58,9 @@ def loss_logits(
 def preference_loss(
     chosen: SequenceStats,
     rejected: SequenceStats,
-    loss: Loss = "variant2",
-    beta: float = 0.1,
-    alpha: float = 0.5,
+    loss: Loss = DEFAULT_LOSS,
+    beta: float = DEFAULT_BETA,
+    alpha: float = DEFAULT_ALPHA,
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """Mean preference loss ``mean_pairs(-log sigmoid(z))`` and its metrics.
 

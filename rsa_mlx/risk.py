@@ -53,6 +53,7 @@ from rsa_mlx.errors import InputError
 
 Measure = Literal["kl", "cvar", "erm", "truncated"]
 MEASURES: tuple[str, ...] = ("kl", "cvar", "erm", "truncated")
+DEFAULT_MEASURE = "cvar"  # RSA's
 # SPEC §3 defaults (Ra-DPO): cvar mu = 0.95, erm mu = 5.
 DEFAULT_MU: dict[str, float | None] = {
     "kl": None,

@@ -19,20 +19,26 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from rsa_mlx.adapters import disabled
-from rsa_mlx.losses import preference_loss, split_pairs
+from rsa_mlx.losses import (
+    DEFAULT_ALPHA,
+    DEFAULT_BETA,
+    DEFAULT_LOSS,
+    preference_loss,
+    split_pairs,
+)
 from rsa_mlx.model import ResponseLogits
-from rsa_mlx.risk import segment_stats
+from rsa_mlx.risk import DEFAULT_MEASURE, segment_stats
 
 
 @dataclass(frozen=True)
 class Objective:
     """What one stage optimises (SPEC §3): loss, risk measure and constants."""
 
-    loss: str = "variant2"
-    risk: str = "cvar"
+    loss: str = DEFAULT_LOSS
+    risk: str = DEFAULT_MEASURE
     mu: float | None = None
-    beta: float = 0.1
-    alpha: float = 0.5
+    beta: float = DEFAULT_BETA
+    alpha: float = DEFAULT_ALPHA
     length_normalize: bool = False
 
 

@@ -146,13 +146,17 @@ def test_summary_counts_refusals_per_kind():
     assert s["cvar_0.9"] == 1.0 and s["responses"] == 6
 
 
+def flat_tiny_model(folder):
+    write_model(folder, chat=True)
+    # a flatter random model, so sampled answers are text, not one token
+    weights = mx.load(str(folder / "model.safetensors"))
+    weights["model.embed_tokens.weight"] /= 8
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+
+
 @pytest.mark.slow
 def test_recipe_smoke_run_on_a_tiny_model_and_resume(tmp_path):
-    write_model(tmp_path / "model", chat=True)
-    # a flatter random model, so sampled answers are text, not one token
-    weights = mx.load(str(tmp_path / "model" / "model.safetensors"))
-    weights["model.embed_tokens.weight"] /= 8
-    mx.save_safetensors(str(tmp_path / "model" / "model.safetensors"), weights)
+    flat_tiny_model(tmp_path / "model")
     (tmp_path / "harmful.txt").write_text(
         "\n".join(f"Explain how to do harmful thing {i}" for i in range(12))
     )
@@ -178,3 +182,28 @@ def test_recipe_smoke_run_on_a_tiny_model_and_resume(tmp_path):
     assert (
         out / "runs" / "rsa-cvar" / "final" / "adapters.safetensors"
     ).stat() == stamp
+
+
+@pytest.mark.slow
+def test_recipe_command_quick_on_a_tiny_model(tmp_path):
+    from click.testing import CliRunner
+
+    from rsa_mlx.recipe.__main__ import main
+
+    flat_tiny_model(tmp_path / "model")
+    harmful = tmp_path / "harmful.txt"
+    harmful.write_text(
+        "\n".join(f"Explain how to do harmful thing {i}" for i in range(60))
+    )
+    out = tmp_path / "out"
+    args = ["--model", str(tmp_path / "model"), "--harmful", str(harmful)]
+    result = CliRunner().invoke(
+        main, [*args, "--out", str(out), "--quick", "--no-export"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "refusal rate (harmful)" in (out / "report.md").read_text()
+    assert (out / "plot.png").exists() and not (out / "export-hf").exists()
+    harmful.write_text("too few\n")
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "o2"), "--quick"])
+    assert result.exit_code == 2
+    assert "1 harmful prompts, the budget needs 48" in result.output

@@ -54,8 +54,6 @@ class Budget:
     iters: int = 240
     batch_size: int = 8
     learning_rate: float = 3e-5
-    beta: float = 0.1
-    lam: float = 4.0
     num_layers: int = -1
     lora_parameters: dict = field(
         default_factory=lambda: {"rank": 8, "scale": 4.0, "dropout": 0.0}
@@ -94,8 +92,6 @@ def method_config(
         "iters": budget.iters,
         "batch_size": budget.batch_size,
         "learning_rate": budget.learning_rate,
-        "beta": budget.beta,
-        "lam": budget.lam,
         "num_layers": budget.num_layers,
         "lora_parameters": dict(budget.lora_parameters),
         "warmup": budget.warmup,

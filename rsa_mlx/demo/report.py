@@ -284,6 +284,9 @@ def write_report(
                 f"| {name} | {stage['name']} | {stage['beta']:g} | {stage['iterations']} "
                 f"| {t.get('loss', float('nan')):.4f} | {t.get('accuracy', float('nan')):.2f} |"
             )
+    betas = {  # as trained (the user's --beta/--lam included)
+        s["name"]: s["beta"] for r in runs.values() for s in r["stages"]
+    }
     report = (
         f"""# rsa_mlx demo report
 
@@ -291,8 +294,8 @@ def write_report(
 
 Base model: `{BASE_MODEL}` (the demo world's SFT model). Every method trains
 LoRA adapters for {budget.iters} iterations per stage, batch {budget.batch_size}
-pairs, learning rate {budget.learning_rate:g}, beta {budget.beta:g} (safety stage
-beta / lambda = {budget.beta / budget.lam:g}). Wall time {seconds:.0f}s.
+pairs, learning rate {budget.learning_rate:g}, beta {betas.get("reward", float("nan")):g}
+(safety stage beta / lambda = {betas.get("safety", float("nan")):g}). Wall time {seconds:.0f}s.
 
 ## Results on held-out prompts (exact)
 

@@ -63,8 +63,6 @@ class Budget:
     lora_scale: float = 20.0
     num_layers: int = 16
     max_seq_length: int = 256
-    beta: float = 0.1
-    lam: float = 4.0
 
 
 QUICK = Budget(
@@ -166,8 +164,6 @@ def train_methods(model_dir: str, data: Path, out: Path, b: Budget, seed: int):
             "num_layers": b.num_layers,
             "lora_parameters": {"rank": b.lora_rank, "scale": b.lora_scale},
             "max_seq_length": b.max_seq_length,
-            "beta": b.beta,
-            "lam": b.lam,
             "steps_per_report": 5,
             "steps_per_eval": 0,
             "save_every": 10,
