@@ -58,7 +58,7 @@ class Budget:
     valid: int = 16  # pairs held out for validation per stage
     epochs: float = 1.0
     batch_size: int = 4
-    learning_rate: float = 5e-5
+    learning_rate: float = 1e-4
     lora_rank: int = 8
     lora_scale: float = 20.0
     num_layers: int = 16
