@@ -34,7 +34,6 @@ teacher-forced log-probability of given responses.
 from __future__ import annotations
 
 import importlib
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -127,49 +126,21 @@ class PromptRecord:
 
 
 def read_prompts(path: str | Path) -> list[PromptRecord]:
-    """Rows with a ``prompt`` field (text or messages), from a .jsonl file."""
+    """Rows with a ``prompt`` field (text or messages) from a .jsonl (or
+    .json, maybe compressed) file, checked like preference data."""
+    from rsa_mlx.sources import _text, parse_prompt, read_rows
+
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{quote(path)}: a folder, not a prompt file")
+    if not path.exists():
+        raise DataError(f"{quote(path)}: no such prompt file")
     records = []
-    try:
-        lines = path.read_bytes().splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{quote(path)}: no such prompt file") from None
-    except IsADirectoryError:
-        raise DataError(f"{quote(path)}: a folder, not a prompt file") from None
-    for number, raw in enumerate(lines, 1):
-        where = f"{quote(path)}:{number}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(
-                f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
-                f"{e.start + 1})"
-            ) from None
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON ({e.msg})") from None
-        if not isinstance(row, dict) or "prompt" not in row:
-            raise DataError(f"{where}: missing field 'prompt'")
-        prompt = row["prompt"]
-        if isinstance(prompt, list):
-            prompt = tuple(prompt)
-            for i, message in enumerate(prompt, 1):
-                if not isinstance(message, dict):
-                    raise DataError(f"{where}: prompt message {i} is not an object")
-                if not isinstance(message.get("content"), str):
-                    raise DataError(
-                        f"{where}: prompt message {i} has no 'content' string"
-                    )
-                if not isinstance(message.get("role"), str):
-                    raise DataError(f"{where}: prompt message {i} has no 'role'")
-        elif not isinstance(prompt, str):
-            raise DataError(f"{where}: field 'prompt' must be a string or messages")
-        system = row.get("system")
-        if system is not None and not isinstance(system, str):
-            raise DataError(f"{where}: field 'system' must be a string")
+    for row, where in read_rows(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object")
+        prompt = parse_prompt(row, where)
+        system = _text(row, "system", where, optional=True)
         records.append(PromptRecord(prompt, system, row, where))
     if not records:
         raise DataError(f"{quote(path)}: no prompts")

@@ -119,8 +119,10 @@ def _decode(raw: bytes, path: Path, number: int) -> str:
         ) from None
 
 
-def _rows(path: Path) -> Iterator[tuple[object, str]]:
-    """Yield (row, "file:line") from a .jsonl or .json file (maybe .xz/.gz)."""
+def read_rows(path: Path) -> Iterator[tuple[object, str]]:
+    """Yield (row, "file:line") from a .jsonl or .json file (maybe .xz/.gz);
+    non-UTF-8 text, malformed JSON and damaged compression are each a
+    one-line :class:`DataError` naming the file and line."""
     if ".jsonl" in path.name:
         for number, raw in _lines(path):
             line = _decode(raw, path, number)
@@ -178,7 +180,8 @@ def _message(m: object, where: str, i: int) -> dict:
     return dict(m)
 
 
-def _prompt(row: dict, where: str) -> str | tuple[dict, ...]:
+def parse_prompt(row: dict, where: str) -> str | tuple[dict, ...]:
+    """The row's ``prompt``: text, or a non-empty tuple of checked messages."""
     if "prompt" not in row:
         raise DataError(f"{where}: missing field 'prompt'")
     prompt = row["prompt"]
@@ -212,7 +215,7 @@ def parse_row(row: object, where: str, stage: str | None) -> Pair | str:
     """
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    prompt = _prompt(row, where)
+    prompt = parse_prompt(row, where)
     system = _text(row, "system", where, optional=True)
     if "response_0" in row or "response_1" in row:
         if stage is None:
@@ -336,7 +339,7 @@ def load_pairs(
         return [], report
     pairs = []
     for path in paths:
-        for row, where in _rows(path):
+        for row, where in read_rows(path):
             report.rows += 1
             parsed = parse_row(row, where, stage)
             if isinstance(parsed, str):

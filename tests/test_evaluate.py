@@ -309,10 +309,10 @@ def test_bad_prompt_files(tiny, tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
     line = fails(evaluate(tiny, path))
-    assert f"'{path}':2: not UTF-8 text" in line
+    assert f"{path}:2: not UTF-8 text" in line
     write_jsonl(path, [{"prompt": "ok"}, {"prompt": [{"role": "user"}]}])
     line = fails(evaluate(tiny, path))
-    assert f"'{path}':2: prompt message 1 has no 'content'" in line
+    assert f"{path}:2: message 'prompt'[0] has no 'content'" in line
     with pytest.raises(ev.DataError, match="has no 'content'"):
         ev.read_prompts(path)
 
@@ -329,7 +329,7 @@ def test_demo_scorer_checks_every_row_before_loading_a_model(tmp_path, monkeypat
         cli, ["evaluate", "--model", str(tmp_path / "none"), "--prompts", str(path)]
     )
     line = fails(result)
-    assert f"'{path}':2" in line and "harmful_request" in line
+    assert f"{path}:2" in line and "harmful_request" in line
 
 
 def test_scorer_errors_are_one_line(tiny, tmp_path, monkeypatch):
@@ -345,7 +345,7 @@ def test_scorer_errors_are_one_line(tiny, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "angry_scores", module)
     line = fails(evaluate(tiny, path, "--scorer", "angry_scores:score"))
     assert "scorer angry_scores:score raised KeyError" in line
-    assert f"'{path}':2" in line
+    assert f"{path}:2" in line
     line = fails(evaluate(tiny, path, "--scorer", "judge:/missing/judge"))
     assert "no such folder '/missing/judge'" in line
 

@@ -125,7 +125,7 @@ def test_refusal_is_a_scorer_of_rsa_mlx_evaluate(tmp_path):
     (tmp_path / "p.jsonl").write_text(
         '{"prompt": "x", "harmful": true}\n{"prompt": "y"}\n'
     )
-    with pytest.raises(DataError, match=r"p\.jsonl':2: the refusal scorer needs"):
+    with pytest.raises(DataError, match=r"p\.jsonl:2: the refusal scorer needs"):
         load_scorer("refusal").check(read_prompts(tmp_path / "p.jsonl"))
     result = CliRunner().invoke(
         main, ["evaluate", "--model", "m", "--prompts", str(tmp_path / "p.jsonl"),
