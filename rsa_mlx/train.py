@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -206,8 +207,11 @@ def main(**options):
             raise
         if main_rank:
             fail(str(e))
-        if isinstance(e, ConfigError):  # the same on every rank: rank 0 says it
-            sys.exit(2)
+        if isinstance(e, ConfigError):
+            # Settings are the same on every rank, so rank 0 fails too and
+            # says why (the launcher then stops this rank); only if it does
+            # not (this machine's files differ) does this rank say it.
+            time.sleep(3)
         fail(f"rank {dist.rank()}: {e}")
 
 

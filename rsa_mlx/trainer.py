@@ -327,10 +327,11 @@ def default_run_dir(cfg: TrainConfig) -> Path:
 def check_world_size(where: Path, saved: int) -> None:
     """Refuse to resume a run with another number of processes."""
     world = dist.world_size()
+    how = "without mlx.launch" if saved == 1 else f"mlx.launch -n {saved}"
     if saved != world:
-        raise TrainingError(
+        raise ConfigError(
             f"{quote(where)}: this run was trained by {_processes(saved)}; resume "
-            f"it with the same number (mlx.launch -n {saved}), not {world}"
+            f"it with the same number ({how}), not {world}"
         )
 
 
