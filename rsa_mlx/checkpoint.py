@@ -40,10 +40,12 @@ class Progress:
     updates: int = 0  # optimizer updates done
     sampler: SamplerState = field(default_factory=SamplerState)
     seed: int = 0  # the RNG of iteration i is seeded with iteration_seed(seed, i)
+    world_size: int = 1  # processes of a data-parallel run
 
     def to_dict(self) -> dict:
         return {
             "iteration": self.iteration,
+            "world_size": self.world_size,
             "updates": self.updates,
             "epoch": self.sampler.epoch,
             "position": self.sampler.position,
@@ -56,7 +58,8 @@ class Progress:
     @classmethod
     def from_dict(cls, d: dict) -> Progress:
         sampler = SamplerState(d["epoch"], d["position"])
-        return cls(d["iteration"], d["updates"], sampler, d["rng"]["seed"])
+        world = d.get("world_size", 1)
+        return cls(d["iteration"], d["updates"], sampler, d["rng"]["seed"], world)
 
 
 def iteration_seed(seed: int, iteration: int) -> int:

@@ -149,6 +149,10 @@ def evaluate(
     from rsa_mlx.model import load
 
     def run():
+        from rsa_mlx.distributed import rank_zero_only
+
+        if rank_zero_only("rsa-mlx evaluate"):  # under mlx.launch
+            return
         check_model_options(merge)
         ev.check_sampling(k=k, max_tokens=max_tokens, temperature=temperature)
         records = ev.read_prompts(prompts)
@@ -349,6 +353,10 @@ def generate(model, adapter_path, merge, prompt, system_prompt, ignore_chat_temp
     from rsa_mlx.model import load
 
     def run():
+        from rsa_mlx.distributed import rank_zero_only
+
+        if rank_zero_only("rsa-mlx evaluate"):  # under mlx.launch
+            return
         check_model_options(merge)
         ev.check_sampling(max_tokens=max_tokens, temperature=temp)
         if num_samples < 1:

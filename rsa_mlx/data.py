@@ -208,6 +208,9 @@ class Batch:
     mask: np.ndarray  # [N] bool
     pairs: int
     real_tokens: int = 0  # prompt + response tokens, padding excluded
+    # Data-parallel runs only: world * pairs / the global batch's pairs, the
+    # weight of this shard's mean gradient (see rsa_mlx.distributed).
+    weight: float | None = None
 
     @property
     def ntokens(self) -> int:
@@ -217,7 +220,10 @@ class Batch:
         import mlx.core as mx
 
         fields = (self.tokens, self.index, self.targets, self.segments, self.mask)
-        return tuple(mx.array(x) for x in fields)
+        arrays = tuple(mx.array(x) for x in fields)
+        if self.weight is not None:
+            arrays += (mx.array(self.weight, dtype=mx.float32),)
+        return arrays
 
 
 def collate(data: Encoded, indices: Sequence[int], pad_id: int = 0) -> Batch:
@@ -265,9 +271,24 @@ class BatchSampler:
     Pairs are sorted by length once and cut into consecutive batches (the last
     one may be smaller), so each epoch shows every pair exactly once; the
     order of batches is a permutation drawn from ``(seed, epoch)``.
+
+    In a data-parallel run (``world`` > 1) the batches and their order are
+    the same on every rank and each rank yields its own shard of every
+    batch (:func:`rsa_mlx.distributed.shard`), weighted by its share. A rank
+    whose shard is empty (a last batch with fewer pairs than ranks) yields
+    one pair of the batch with ``pairs == 0`` and weight 0, so that it still
+    takes part in the step's all-reduce without contributing to it.
     """
 
-    def __init__(self, data: Encoded, batch_size: int, seed: int = 0, pad_id: int = 0):
+    def __init__(
+        self,
+        data: Encoded,
+        batch_size: int,
+        seed: int = 0,
+        pad_id: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ):
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
         order = sorted(range(len(data)), key=data.length)
@@ -275,7 +296,21 @@ class BatchSampler:
             order[i : i + batch_size] for i in range(0, len(order), batch_size)
         ]
         self.data, self.seed, self.pad_id = data, seed, pad_id
+        self.rank, self.world = rank, world
         self.state = SamplerState()
+
+    def collate(self, indices: Sequence[int]) -> Batch:
+        """The batch of ``indices``, or this rank's shard of it."""
+        if self.world == 1:
+            return collate(self.data, indices, self.pad_id)
+        from rsa_mlx.distributed import shard
+
+        part = shard(indices, self.rank, self.world)
+        batch = collate(self.data, part or list(indices[:1]), self.pad_id)
+        if not part:
+            batch.pairs, batch.real_tokens = 0, 0
+        batch.weight = self.world * len(part) / len(indices)
+        return batch
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -289,13 +324,14 @@ class BatchSampler:
             while self.state.position < len(order):
                 index = order[self.state.position]
                 self.state.position += 1
-                yield collate(self.data, self.batches[index], self.pad_id)
+                yield self.collate(self.batches[index])
             self.state = SamplerState(self.state.epoch + 1, 0)
 
     def once(self) -> Iterator[Batch]:
-        """Every batch once, in length order (for validation)."""
+        """Every batch (or this rank's shard of it) once, in length order
+        (for validation)."""
         for indices in self.batches:
-            yield collate(self.data, indices, self.pad_id)
+            yield self.collate(indices)
 
 
 def epochs_to_iters(epochs: float, batches_per_epoch: int) -> int:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from rsa_mlx import distributed as dist
 from rsa_mlx import progress as bars
 from rsa_mlx.atomic import save_text
 from rsa_mlx.checkpoint import Progress, iteration_seed
@@ -150,6 +151,22 @@ class Reporter:
         bars.echo(text)
 
 
+class SilentReporter(Reporter):
+    """The reporter of data-parallel ranks > 0: rank 0 reports for the group."""
+
+    def __init__(self, run_dir: Path | None = None, callback=None):
+        self.path, self.callback = None, None
+
+    def record(self, entry: dict) -> None:
+        pass
+
+    def rewind(self, stage: str, iteration: int) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+
 def summarize(sums: dict[str, float], pairs: int) -> dict[str, float]:
     """Per-pair means from pair-weighted sums, with chosen/rejected averaged."""
     mean = {k: v / max(pairs, 1) for k, v in sums.items()}
@@ -169,6 +186,22 @@ class Plan:
     steps_per_eval: int = 0
     save_every: int = 0
     seed: int = 0  # iteration i draws from mx.random.seed(iteration_seed(seed, i))
+    rank: int = 0  # data-parallel ranks > 0 draw other numbers (their own dropout)
+
+
+def reduce_window(sums: dict, pairs: int, tokens: int) -> tuple[dict, int, int]:
+    """A report window's pair-weighted metric sums and counts, summed over
+    the process group (as they are for a single process)."""
+    keys = sorted(sums)
+    values = dist.sum_values([sums[k].item() for k in keys])
+    pairs, tokens = dist.sum_values([pairs, tokens], dtype=mx.int32)
+    return dict(zip(keys, values)), int(pairs), int(tokens)
+
+
+def first_bad_in_group(bad: int, iters: int) -> int:
+    """The earliest iteration any rank saw a non-finite value, else -1."""
+    code = dist.broadcast_flag(iters + 1 - bad if bad >= 0 else 0)
+    return iters + 1 - code if code > 0 else -1
 
 
 def loop(
@@ -200,7 +233,7 @@ def loop(
     start = progress.iteration
 
     def fail_if_bad(params: bool = False) -> None:
-        bad = first_bad.item()
+        bad = first_bad_in_group(first_bad.item(), iters)
         if bad < 0 and params and not params_finite():
             bad = progress.iteration
         if bad >= 0:
@@ -220,7 +253,8 @@ def loop(
         for it in range(start + 1, iters + 1):
             tic = time.perf_counter()
             batch = next(batches)
-            mx.random.seed(iteration_seed(plan.seed, it))
+            seed = iteration_seed(plan.seed, it)
+            mx.random.seed(seed ^ (plan.rank << 48) if plan.rank else seed)
             do_update = it % accum == 0
             out["shapes"].add(batch.tokens.shape + batch.index.shape)
             metrics, grad = step(batch.arrays(), grad, do_update)
@@ -245,8 +279,9 @@ def loop(
             if it % plan.steps_per_report == 0 or it == iters:
                 fail_if_bad()
                 done = it - start
+                sums, pairs, tokens = reduce_window(sums, pairs, tokens)
                 out["train"] = {
-                    **summarize({k: v.item() for k, v in sums.items()}, pairs),
+                    **summarize(sums, pairs),
                     "iteration": it,
                     "iters": iters,
                     "learning_rate": learning_rate(),

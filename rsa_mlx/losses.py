@@ -94,6 +94,22 @@ def preference_loss(
     return mean, {k: mx.stop_gradient(v) for k, v in metrics.items()}
 
 
+# The metrics of :func:`preference_loss`, in its order.
+METRIC_KEYS = (
+    "loss",
+    "accuracy",
+    "rewards/chosen",
+    "rewards/rejected",
+    "margins",
+    "risk/chosen",
+    "risk/rejected",
+    "kl/chosen",
+    "kl/rejected",
+    "ntokens/chosen",
+    "ntokens/rejected",
+)
+
+
 def split_pairs(stats: SequenceStats) -> tuple[SequenceStats, SequenceStats]:
     """Split statistics of a ``[chosen; rejected]`` batch into the two halves."""
     half = stats.logratio.shape[0] // 2

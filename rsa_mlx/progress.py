@@ -20,6 +20,7 @@ PLAIN_EVERY = 30.0  # seconds between plain progress lines
 
 _live = None  # the rich Progress while a task is open on a terminal
 _depth = 0
+SILENT = False  # set on the ranks > 0 of a distributed run: no output at all
 
 
 def interactive(stream=None) -> bool:
@@ -35,6 +36,8 @@ def _console():
 
 def echo(line: str = "") -> None:
     """Print a line; above the live bars when there are any."""
+    if SILENT:
+        return
     if _live is not None:
         _live.console.print(line, markup=False, highlight=False, soft_wrap=True)
     else:
@@ -130,6 +133,9 @@ def task(
     on its own), not the live bar.
     """
     global _live, _depth
+    if SILENT:
+        yield Task(description, total, unit, None, plain=False)
+        return
     live = interactive()
     if live and _live is None:
         _live = _make_live()

@@ -16,6 +16,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx.nn.utils import average_gradients
 from mlx.utils import tree_map
 
 from rsa_mlx.adapters import disabled
@@ -72,14 +73,19 @@ def make_step(
     max_grad_norm: float | None = 1.0,
     compile: bool = True,
     forward: ResponseLogits | None = None,
+    data_parallel: bool = False,
 ):
     """Build ``step(batch, prev_grad, do_update) -> (metrics, grad)``.
 
     ``batch`` is :meth:`rsa_mlx.data.Batch.arrays`: ``(tokens, index,
-    targets, segments, mask)``;
-    ``layers`` are the trainable adapter layers (switched off for the
-    reference). Call it after the adapters exist: the compiled function
-    captures ``model.state`` as it is then.
+    targets, segments, mask)``, and with ``data_parallel`` the shard's
+    ``weight`` after them: the rank's gradient is scaled by it at every
+    micro-batch and, on the update, averaged over the process group (the
+    global per-pair mean, with mlx's ``average_gradients``) before
+    clipping, so every rank applies the same update. Metrics stay the
+    shard's own. ``layers`` are the trainable adapter layers (switched off
+    for the reference). Call it after the adapters exist: the compiled
+    function captures ``model.state`` as it is then.
     """
     if grad_accumulation_steps < 1:
         raise ValueError("grad_accumulation_steps must be at least 1")
@@ -94,13 +100,19 @@ def make_step(
     value_and_grad = nn.value_and_grad(model, loss_fn)
 
     def step(batch, prev_grad, do_update):
+        if data_parallel:
+            batch, weight = batch[:5], batch[5]
         tokens, index = batch[0], batch[1]
         with disabled(layers):
             ref_logits = mx.stop_gradient(forward(tokens, index))
         (_, metrics), grad = value_and_grad(model, *batch, ref_logits)
+        if data_parallel:
+            grad = tree_map(lambda g: g * weight.astype(g.dtype), grad)
         if prev_grad is not None:
             grad = tree_map(lambda g, p: g + p, grad, prev_grad)
         if do_update:
+            if data_parallel:  # one all-reduce per update, not per micro-batch
+                grad = average_gradients(grad)
             if grad_accumulation_steps > 1:
                 grad = tree_map(lambda g: g / grad_accumulation_steps, grad)
             if max_grad_norm:
@@ -120,7 +132,7 @@ def make_eval(layers: list[nn.Module], objective: Objective, forward: ResponseLo
     """``evaluate(batch) -> metrics`` without gradients (validation)."""
 
     def evaluate(batch):
-        tokens, index, targets, segments, mask = batch
+        tokens, index, targets, segments, mask = batch[:5]
         with disabled(layers):
             ref_logits = forward(tokens, index)
         logits = forward(tokens, index)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -139,7 +140,10 @@ def run(options: dict) -> None:
         cfg = resolve(settings, config_file)
     if cfg.model is None:
         from rsa_mlx import demo
+        from rsa_mlx.distributed import rank_zero_only
 
+        if rank_zero_only("the demo"):
+            return
         demo.run(cfg, settings, quick=quick, methods=methods)
         return
     if quick or methods:
@@ -184,10 +188,14 @@ def main(**options):
       python -m rsa_mlx.train --model M --data D --risk cvar --iters 200
       python -m rsa_mlx.train --adapter-path runs/x --resume
     """
+    from rsa_mlx import distributed as dist
+    from rsa_mlx import progress
     from rsa_mlx.errors import RsaMlxError
     from rsa_mlx.trainer import Interrupted
 
-    if note := blas_note():
+    main_rank = dist.is_main()
+    progress.SILENT = not main_rank  # under mlx.launch rank 0 speaks for all
+    if main_rank and (note := blas_note()):
         click.echo(note, err=True)
     try:
         run(options)
@@ -197,7 +205,14 @@ def main(**options):
     except (RsaMlxError, OSError) as e:
         if os.environ.get("RSA_MLX_DEBUG"):
             raise
-        fail(str(e))
+        if main_rank:
+            fail(str(e))
+        if isinstance(e, ConfigError):
+            # Settings are the same on every rank, so rank 0 fails too and
+            # says why (the launcher then stops this rank); only if it does
+            # not (this machine's files differ) does this rank say it.
+            time.sleep(3)
+        fail(f"rank {dist.rank()}: {e}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ checkpoints are atomic, so ``resume`` continues exactly where a run stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -25,6 +26,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from rsa_mlx import adapters
+from rsa_mlx import distributed as dist
 from rsa_mlx import progress as bars
 from rsa_mlx.atomic import save_json, save_text
 from rsa_mlx.checkpoint import (
@@ -38,7 +40,16 @@ from rsa_mlx.checkpoint import (
 from rsa_mlx.config import TrainConfig, differences, load_yaml, resolve
 from rsa_mlx.data import BatchSampler, encode_pairs, epochs_to_iters, load_pairs
 from rsa_mlx.errors import ConfigError, quote
-from rsa_mlx.loop import Interrupted, Plan, Reporter, StopSignals, loop, summarize
+from rsa_mlx.loop import (
+    Interrupted,
+    Plan,
+    Reporter,
+    SilentReporter,
+    StopSignals,
+    loop,
+    summarize,
+)
+from rsa_mlx.losses import METRIC_KEYS
 from rsa_mlx.model import RUN_FILE, ResponseLogits, load
 from rsa_mlx.risk import resolve_mu
 from rsa_mlx.step import Objective, make_eval, make_step
@@ -111,22 +122,30 @@ def prepare_data(cfg: TrainConfig, stage: str, tokenizer) -> StageData:
         encoded = encode_pairs(pairs, tokenizer, cfg.max_seq_length)
         extra = ", ".join(f"{n} {why}" for why, n in sorted(encoded.report.items()))
         notes.append(f"{split}: {report.describe()}" + (f"; {extra}" if extra else ""))
-        samplers[split] = BatchSampler(encoded, cfg.batch_size, cfg.seed, pad)
+        samplers[split] = BatchSampler(
+            encoded, cfg.batch_size, cfg.seed, pad, dist.rank(), dist.world_size()
+        )
     return StageData(samplers["train"], samplers.get("valid"), notes)
 
 
 def validate(evaluate, sampler: BatchSampler, max_batches: int) -> dict:
-    """Per-pair means of the step's metrics over the validation batches."""
+    """Per-pair means of the step's metrics over the validation batches
+    (over the whole process group: each rank evaluates its shards)."""
     total = len(sampler) if max_batches < 0 else min(max_batches, len(sampler))
     sums, pairs = {}, 0
     with bars.task("val", total, "batches", quiet=True) as bar:
         for _, batch in zip(range(total), sampler.once()):
-            metrics = evaluate(batch.arrays())
-            mx.eval(metrics)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v.item() * batch.pairs
-            pairs += batch.pairs
+            if batch.pairs:  # an empty shard only stands in for the step
+                metrics = evaluate(batch.arrays())
+                mx.eval(metrics)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v.item() * batch.pairs
+                pairs += batch.pairs
             bar.advance()
+    if dist.world_size() > 1:  # a rank may have seen no pairs: use known keys
+        keys = sorted(set(sums) | set(METRIC_KEYS))
+        values = dist.sum_values([sums.get(k, 0.0) for k in keys] + [pairs])
+        sums, pairs = dict(zip(keys, values[:-1])), round(values[-1])
     return summarize(sums, pairs)
 
 
@@ -181,10 +200,12 @@ def train_stage(
     )
     optimizer.init(model.trainable_parameters())
     digest = config_hash(cfg, stage)
-    progress = Progress(seed=stage_seed)
+    world = dist.world_size()
+    progress = Progress(seed=stage_seed, world_size=world)
     if cfg.resume:
         if (found := latest_checkpoint(stage_dir)) is not None:
             progress = load_checkpoint(found, model, optimizer, digest)
+            check_world_size(found, progress.world_size)
             reporter.note(
                 f"[{stage}] resumed from {found} (iteration {progress.iteration})"
             )
@@ -205,12 +226,20 @@ def train_stage(
         cfg.max_grad_norm,
         cfg.compile,
         forward,
+        data_parallel=world > 1,
     )
     evaluate = make_eval(layers, objective, forward)
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    group = (
+        f" ({world} processes of {cfg.batch_size // world} pairs; effective batch "
+        f"{cfg.batch_size * accum} pairs per update at learning rate "
+        f"{cfg.learning_rate:g})"
+        if world > 1
+        else ""
+    )
     reporter.note(
         f"[{stage}] {cfg.method_name()} beta={beta:g}: {iters} iterations of "
-        f"{cfg.batch_size} pairs, {trainable / 1e6:.3f}M trainable parameters"
+        f"{cfg.batch_size} pairs{group}, {trainable / 1e6:.3f}M trainable parameters"
     )
 
     def run_validation(it: int) -> dict:
@@ -226,6 +255,8 @@ def train_stage(
 
     def save() -> Path:
         progress.sampler = data.train.state
+        if not dist.is_main():  # rank 0 writes for the group
+            return stage_dir / "checkpoints" / f"step_{progress.iteration:07d}"
         return save_checkpoint(
             stage_dir,
             model,
@@ -251,6 +282,7 @@ def train_stage(
         cfg.steps_per_eval,
         cfg.save_every,
         stage_seed,
+        dist.rank(),
     )
     train_mode(model, frozen)
     mx.reset_peak_memory()
@@ -270,7 +302,8 @@ def train_stage(
     last_val = run_validation(iters) or out["valid"]
     if cfg.save_every:
         save()
-    adapters.save_adapter(stage_dir, model, lora, extra)
+    if dist.is_main():
+        adapters.save_adapter(stage_dir, model, lora, extra)
     model.eval()
     for layer in layers:  # frozen from here on (the next stage stacks on it)
         layer.freeze()
@@ -291,11 +324,26 @@ def default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{stamp}-{cfg.method_name()}"
 
 
+def check_world_size(where: Path, saved: int) -> None:
+    """Refuse to resume a run with another number of processes."""
+    world = dist.world_size()
+    how = "without mlx.launch" if saved == 1 else f"mlx.launch -n {saved}"
+    if saved != world:
+        raise ConfigError(
+            f"{quote(where)}: this run was trained by {_processes(saved)}; resume "
+            f"it with the same number ({how}), not {world}"
+        )
+
+
+def _processes(n: int) -> str:
+    return "1 process" if n == 1 else f"{n} processes"
+
+
 def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> dict:
     """Refuse a run folder that is in use, or a resume that cannot continue;
     return the stages a resumed run already finished."""
     if not cfg.resume:
-        if (run_dir / RUN_FILE).exists():
+        if dist.is_main() and (run_dir / RUN_FILE).exists():  # rank 0 writes
             raise TrainingError(
                 f"{quote(run_dir)}: a run already exists here; pass --resume to "
                 "continue it or choose another --adapter-path"
@@ -313,7 +361,9 @@ def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> dict:
             "restore them"
         )
     with open(run_dir / RUN_FILE) as f:
-        return {s["name"]: s for s in json.load(f).get("stages", [])}
+        run = json.load(f)
+    check_world_size(run_dir, run.get("world_size", 1))
+    return {s["name"]: s for s in run.get("stages", [])}
 
 
 def train(
@@ -325,6 +375,12 @@ def train(
     ``cfg.model``); otherwise they are loaded with ``mlx_lm.load``.
     """
     cfg = cfg.with_resolved_paths()
+    world, main = dist.world_size(), dist.is_main()
+    if cfg.batch_size % world:
+        raise ConfigError(
+            f"batch_size: {cfg.batch_size} pairs do not split over {world} "
+            f"processes; --batch-size is the global batch, give a multiple of {world}"
+        )
     run_dir = Path(cfg.adapter_path) if cfg.adapter_path else default_run_dir(cfg)
     # Check everything before the run folder is touched.
     previous = _check_run_dir(cfg, run_dir)
@@ -334,9 +390,12 @@ def train(
     datasets = {
         s: prepare_data(cfg, s, tokenizer) for s in cfg.stage_names if s not in previous
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    settings = yaml.safe_dump({**cfg.to_dict(), "resume": False}, sort_keys=False)
-    save_text(run_dir / "config.yaml", settings)
+    if not main:  # rank 0 writes the run folder and reports for the group
+        reporter = SilentReporter()
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        settings = yaml.safe_dump({**cfg.to_dict(), "resume": False}, sort_keys=False)
+        save_text(run_dir / "config.yaml", settings)
     if reporter is None:
         from mlx_lm.tuner.callbacks import get_reporting_callbacks
 
@@ -346,13 +405,22 @@ def train(
         reporter = Reporter(run_dir, callback)
     reporter.note(f"run folder: {run_dir}")
 
+    if world > 1:
+        reporter.note(
+            f"data-parallel over {_processes(world)}: each takes "
+            f"{cfg.batch_size // world} of every {cfg.batch_size} pairs"
+        )
     run = {"model": cfg.model, "method": cfg.method_name(), "merge": cfg.merge}
+    run["world_size"] = world
     run["stages"] = []
+    write_run = save_json if main else lambda *a: None
     if not cfg.resume:  # marks the folder as a run, resumable from the start
-        save_json(run_dir / RUN_FILE, run)
+        write_run(run_dir / RUN_FILE, run)
     base_adapter, stage_layers = None, []
     tic = time.perf_counter()
-    with StopSignals() as stop:
+    # A data-parallel run stops at once on a signal (ranks cannot agree on a
+    # step to stop after without a sync per step): resume from a checkpoint.
+    with StopSignals() if world == 1 else contextlib.nullcontext() as stop:
         for stage in cfg.stage_names:
             frozen = [m for layers in stage_layers for m in layers]
             if stage in previous:  # finished before the interruption
@@ -365,27 +433,28 @@ def train(
                     datasets[stage], frozen, stop,
                 )  # fmt: skip
                 run["stages"].append(result)
-                save_json(run_dir / RUN_FILE, run)
+                write_run(run_dir / RUN_FILE, run)
             stage_layers.append(layers)
             base_adapter = f"../{stage}"
 
     if len(stage_layers) > 1 and cfg.merge != 1.0:  # P-SACPO: W1 + q dW2
         for layer in stage_layers[-1]:
             layer.scale = cfg.merge * layer.scale
-    adapters.save_combined(
-        run_dir / "final",
-        model,
-        cfg.num_layers,
-        {
-            "method": cfg.method_name(),
-            "merge": cfg.merge,
-            "base_model": cfg.model,
-            "stages": [s["name"] for s in run["stages"]],
-        },
-    )
+    if main:
+        adapters.save_combined(
+            run_dir / "final",
+            model,
+            cfg.num_layers,
+            {
+                "method": cfg.method_name(),
+                "merge": cfg.merge,
+                "base_model": cfg.model,
+                "stages": [s["name"] for s in run["stages"]],
+            },
+        )
     run["final"] = "final"
     run["seconds"] = time.perf_counter() - tic
-    save_json(run_dir / RUN_FILE, run)
+    write_run(run_dir / RUN_FILE, run)
     reporter.note(
         f"done in {run['seconds']:.0f}s. Load the aligned model with "
         f"rsa_mlx.load(adapter_path='{run_dir}'), or with mlx-lm: "
