@@ -37,7 +37,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 
 from rsa_mlx._fold import LORA_TYPES, _relative_key, combined_adapter
 from rsa_mlx.atomic import save_json, save_safetensors
-from rsa_mlx.errors import InputError, quote
+from rsa_mlx.errors import ConfigError, InputError, quote
 from rsa_mlx.hf import check_safetensors
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -398,3 +398,18 @@ def save_combined(folder: Path, model: nn.Module, num_layers: int, extra=None) -
     folder = Path(folder)
     save_safetensors(folder / ADAPTER_FILE, weights)
     save_json(folder / CONFIG_FILE, adapter_config(cfg, extra))
+
+
+def check_targets(model: nn.Module, lora: LoRAConfig) -> None:
+    """Refuse ``keys`` that name no linear or embedding module of a block."""
+    if lora.keys is None:
+        return
+    kinds = (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding)
+    kinds += (SwitchLinear, QuantizedSwitchLinear, *LORA_TYPES)
+    block = model.layers[-1]
+    names = [p for p, m in block.named_modules() if isinstance(m, kinds) and p]
+    if unknown := [k for k in lora.keys if k not in names]:
+        raise ConfigError(
+            f"lora keys: {unknown[0]!r} is not a linear layer of the model's blocks "
+            f"(these are: {', '.join(sorted(set(names)))})"
+        )

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cache
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+
+from rsa_mlx.errors import ConfigError, quote
 
 __all__ = [
     "broadcast_flag",
@@ -111,3 +114,18 @@ def broadcast_flag(value: int) -> int:
     if world_size() == 1:
         return value
     return int(mx.distributed.all_max(mx.array(value), stream=mx.cpu).item())
+
+
+def check_world_size(where: Path, saved: int) -> None:
+    """Refuse to resume a run with another number of processes."""
+    world = world_size()
+    how = "without mlx.launch" if saved == 1 else f"mlx.launch -n {saved}"
+    if saved != world:
+        raise ConfigError(
+            f"{quote(where)}: this run was trained by {processes(saved)}; resume "
+            f"it with the same number ({how}), not {world}"
+        )
+
+
+def processes(n: int) -> str:
+    return "1 process" if n == 1 else f"{n} processes"

@@ -23,7 +23,6 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import yaml
 from mlx.utils import tree_flatten
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from rsa_mlx import adapters
 from rsa_mlx import distributed as dist
@@ -87,21 +86,6 @@ def train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
     model.train()
     for layer in frozen:
         layer.eval()
-
-
-def check_lora_targets(model: nn.Module, lora: adapters.LoRAConfig) -> None:
-    """Refuse ``keys`` that name no linear or embedding module of a block."""
-    if lora.keys is None:
-        return
-    kinds = (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding)
-    kinds += (SwitchLinear, QuantizedSwitchLinear, *adapters.LORA_TYPES)
-    block = model.layers[-1]
-    names = [p for p, m in block.named_modules() if isinstance(m, kinds) and p]
-    if unknown := [k for k in lora.keys if k not in names]:
-        raise ConfigError(
-            f"lora keys: {unknown[0]!r} is not a linear layer of the model's blocks "
-            f"(these are: {', '.join(sorted(set(names)))})"
-        )
 
 
 @dataclass
@@ -205,7 +189,7 @@ def train_stage(
     if cfg.resume:
         if (found := latest_checkpoint(stage_dir)) is not None:
             progress = load_checkpoint(found, model, optimizer, digest)
-            check_world_size(found, progress.world_size)
+            dist.check_world_size(found, progress.world_size)
             reporter.note(
                 f"[{stage}] resumed from {found} (iteration {progress.iteration})"
             )
@@ -324,21 +308,6 @@ def default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{stamp}-{cfg.method_name()}"
 
 
-def check_world_size(where: Path, saved: int) -> None:
-    """Refuse to resume a run with another number of processes."""
-    world = dist.world_size()
-    how = "without mlx.launch" if saved == 1 else f"mlx.launch -n {saved}"
-    if saved != world:
-        raise ConfigError(
-            f"{quote(where)}: this run was trained by {_processes(saved)}; resume "
-            f"it with the same number ({how}), not {world}"
-        )
-
-
-def _processes(n: int) -> str:
-    return "1 process" if n == 1 else f"{n} processes"
-
-
 def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> dict:
     """Refuse a run folder that is in use, or a resume that cannot continue;
     return the stages a resumed run already finished."""
@@ -362,7 +331,7 @@ def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> dict:
         )
     with open(run_dir / RUN_FILE) as f:
         run = json.load(f)
-    check_world_size(run_dir, run.get("world_size", 1))
+    dist.check_world_size(run_dir, run.get("world_size", 1))
     return {s["name"]: s for s in run.get("stages", [])}
 
 
@@ -386,7 +355,7 @@ def train(
     previous = _check_run_dir(cfg, run_dir)
     if model is None:
         model, tokenizer = load(cfg.model)
-    check_lora_targets(model, cfg.lora)
+    adapters.check_targets(model, cfg.lora)
     datasets = {
         s: prepare_data(cfg, s, tokenizer) for s in cfg.stage_names if s not in previous
     }
@@ -407,7 +376,7 @@ def train(
 
     if world > 1:
         reporter.note(
-            f"data-parallel over {_processes(world)}: each takes "
+            f"data-parallel over {dist.processes(world)}: each takes "
             f"{cfg.batch_size // world} of every {cfg.batch_size} pairs"
         )
     run = {"model": cfg.model, "method": cfg.method_name(), "merge": cfg.merge}
