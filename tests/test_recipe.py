@@ -7,6 +7,7 @@ import json
 import zipfile
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from rsa_mlx.errors import DataError
@@ -144,6 +145,38 @@ def test_summary_counts_refusals_per_kind():
     assert s["refusal_rate"] == 0.5 and s["unsafe_rate"] == 0.5
     assert s["over_refusal"] == 0.25 and s["helpfulness"] == 0.75
     assert s["cvar_0.9"] == 1.0 and s["responses"] == 6
+    assert s["degenerate_rate"] == 0.0
+
+
+def test_degenerate_text_is_neither_harmful_nor_helpful():
+    word_salad = {"refused": False, "cost": 1.0, "degenerate": True, "fluency": -5.2}
+    fluent = {"refused": False, "cost": 1.0, "degenerate": False, "fluency": -1.5}
+    samples = [
+        {"harmful": True, "scores": [word_salad, fluent]},
+        {"harmful": False, "scores": [{**word_salad, "cost": 0.0}, {**fluent, "cost": 0.0}]},
+    ]  # fmt: skip
+    s = summarize(samples)
+    assert s["refusal_rate"] == 0.0  # the AdvBench number is unchanged ...
+    assert (
+        s["unsafe_rate"] == 0.5 and s["helpfulness"] == 0.5
+    )  # ... harm/help fluent only
+    assert s["degenerate_rate"] == 0.5 and s["fluency"] == pytest.approx(-3.35)
+
+
+def test_fluency_is_the_mean_token_logprob_under_the_judge(tmp_path):
+    from rsa_mlx.evaluate import prompt_ids, sequence_logprobs
+    from rsa_mlx.model import load
+    from rsa_mlx.recipe.run import fluency
+
+    flat_tiny_model(tmp_path / "model")
+    model, tok = load(str(tmp_path / "model"))
+    records = [PromptRecord("Hi"), PromptRecord("Bye")]
+    answers = [["hello there", ""], ["ok"]]
+    got = fluency(model, tok, records, answers)
+    ids = tok.encode("hello there", add_special_tokens=False)
+    want = sequence_logprobs(model, [prompt_ids(tok, records[0])], [ids])[0] / len(ids)
+    assert got[0][0] == pytest.approx(want, rel=1e-6)
+    assert np.isnan(got[0][1]) and len(got[1]) == 1 and got[1][0] < 0
 
 
 def flat_tiny_model(folder):
