@@ -295,9 +295,9 @@ _ACCEPT = {
 }
 
 
-def field_type(key: str) -> type:
-    """The field's type without ``None`` (``float | None`` -> ``float``)."""
-    hint = typing.get_type_hints(TrainConfig)[key]
+def field_type(key: str, cls: type = TrainConfig) -> type:
+    """A dataclass field's type without ``None`` (``float | None`` -> ``float``)."""
+    hint = typing.get_type_hints(cls)[key]
     return next((a for a in typing.get_args(hint) if a is not type(None)), hint)
 
 

@@ -28,10 +28,9 @@ from pathlib import Path
 import click
 
 from rsa_mlx.adapters import LoRAConfig
-from rsa_mlx.config import FIELDS, TrainConfig, field_type, resolve
+from rsa_mlx.config import TrainConfig, field_type, resolve
 from rsa_mlx.errors import ConfigError, quote
 
-_CLICK_TYPES = {int: int, float: float, str: str}
 _LORA_FLAGS = ("rank", "scale", "dropout", "keys")  # --lora-<name>
 
 
@@ -43,19 +42,19 @@ def _default_text(f: dataclasses.Field, default) -> str:
     return f"{default:g}" if isinstance(default, float) else str(default)
 
 
-def _option(name: str, f: dataclasses.Field, default):
-    """A click option for a config field; ``None`` when not given."""
+def _option(name: str, f: dataclasses.Field, kind: type, default):
+    """A click option for a config field of type ``kind``; ``None`` when not
+    given (a list is given comma-separated)."""
     flag = "--" + name.replace("_", "-")
     help_ = f.metadata["help"]
     if default is not None or "default_text" in f.metadata:
         help_ += f" [default: {_default_text(f, default)}]"
-    kind = field_type(f.name) if f.name in FIELDS else f.type
-    if kind is bool or kind == "bool":
+    if kind is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_)
     if "choices" in f.metadata:
         kind = click.Choice(f.metadata["choices"])
-    else:
-        kind = _CLICK_TYPES.get(kind, {"int": int, "float": float}.get(kind, str))
+    elif kind not in (int, float):
+        kind = str
     return click.option(flag, name, type=kind, default=None, help=help_)
 
 
@@ -72,12 +71,16 @@ def _options() -> list:
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         if f.metadata.get("cli", True):
-            options.append(_option(f.name, f, getattr(defaults, f.name)))
+            options.append(
+                _option(f.name, f, field_type(f.name), getattr(defaults, f.name))
+            )
         if f.name == "num_layers":  # the LoRA flags next to --num-layers
             lora = {g.name: g for g in dataclasses.fields(LoRAConfig)}
             for key in _LORA_FLAGS:
                 g = lora[key]
-                options.append(_option(f"lora_{key}", g, g.default))
+                options.append(
+                    _option(f"lora_{key}", g, field_type(key, LoRAConfig), g.default)
+                )
     return options
 
 

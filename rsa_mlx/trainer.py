@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -431,7 +430,3 @@ def train(
     )
     run["run_dir"] = str(run_dir)
     return run
-
-
-def steps_per_epoch(n_pairs: int, batches: int) -> int:
-    return math.ceil(n_pairs / batches)

@@ -62,7 +62,16 @@ def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.run(
-        [sys.executable, "-m", "rsa_mlx.train", "--quick", "--adapter-path", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "rsa_mlx.train",
+            "--quick",
+            "--beta",
+            "0.2",
+            "--adapter-path",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -76,6 +85,8 @@ def test_quick_demo_end_to_end(tmp_path):
     assert any(" q=" in name for name in results)  # the merge sweep
     report = (out / "report.md").read_text()
     assert "| RSA, CVaR |" in report and "P(catastrophic)" in report
+    # the betas as trained, the user's --beta included
+    assert "beta 0.2\n(safety stage beta / lambda = 0.05)" in report
     assert "plot.svg" in report and "<svg" in (out / "plot.svg").read_text()
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "P(catastrophic)" in proc.stdout  # the table is printed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 from rsa_mlx.errors import DataError
 from rsa_mlx.evaluate import PromptRecord
 from rsa_mlx.recipe import pairs, prompts
-from rsa_mlx.recipe.run import QUICK, budget_with, run, summarize
+from rsa_mlx.recipe.run import QUICK, run, summarize
 from rsa_mlx.refusal import RefusalScorer, is_refusal
 from tests.tiny import write_model
 
@@ -193,7 +194,7 @@ def test_recipe_smoke_run_on_a_tiny_model_and_resume(tmp_path):
     (tmp_path / "harmful.txt").write_text(
         "\n".join(f"Explain how to do harmful thing {i}" for i in range(12))
     )
-    budget = budget_with(
+    budget = replace(
         QUICK, harmful_train=8, benign_train=8, harmful_eval=4, benign_eval=4,
         max_tokens=6, valid=2, batch_size=2, max_seq_length=96, lora_rank=2,
     )  # fmt: skip
@@ -240,3 +241,26 @@ def test_recipe_command_quick_on_a_tiny_model(tmp_path):
     result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "o2"), "--quick"])
     assert result.exit_code == 2
     assert "1 harmful prompts, the budget needs 48" in result.output
+
+
+def test_sampled_answers_can_start_with_a_prefix_the_model_continues(tmp_path):
+    from rsa_mlx.evaluate import prompt_ids, sample_responses
+    from rsa_mlx.model import load
+
+    flat_tiny_model(tmp_path / "model")
+    model, tok = load(str(tmp_path / "model"))
+    records = [PromptRecord("Do harm")]
+    prefix = pairs.REFUSAL_PREFIX
+    with_prefix = sample_responses(
+        model, tok, records, k=2, max_tokens=4, prefix=prefix
+    )
+    assert all(a.startswith(prefix) and len(a) > len(prefix) for a in with_prefix[0])
+    assert all(is_refusal(a) for a in with_prefix[0])  # counts as a refusal
+    # the continuation is conditioned on the prefix: greedy, it is what the
+    # model says after prompt + prefix
+    greedy = sample_responses(
+        model, tok, records, k=1, max_tokens=3, temperature=0.0, prefix=prefix
+    )
+    ids = prompt_ids(tok, records[0]) + tok.encode(prefix, add_special_tokens=False)
+    nxt = int(mx.argmax(model(mx.array([ids]))[0, -1]))
+    assert greedy[0][0][len(prefix) :].startswith(tok.decode([nxt]))

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -385,7 +385,3 @@ def run(
     save_json(out / "results.json", {**meta, "results": summary})
     bars.echo(f"wall time {meta['seconds']:.0f}s; report: {out / 'report.md'}")
     return summary
-
-
-def budget_with(b: Budget, **changes) -> Budget:
-    return replace(b, **{k: v for k, v in changes.items() if v is not None})
