@@ -28,6 +28,9 @@ class Series:
     style: str = "points"  # "points", "line" or "both"
     labels: list[str] = field(default_factory=list)  # optional text per point
     color: str | None = None
+    # Error bars: (below, above) distances per point, e.g. a 95% interval.
+    xerr: list[tuple[float, float]] | None = None
+    yerr: list[tuple[float, float]] | None = None
 
 
 @dataclass
@@ -144,12 +147,15 @@ def _draw(ax, chart: Chart) -> None:
     ax._rsa_labels = []
     for i, s in enumerate(chart.series):
         color = s.color or PALETTE[i % len(PALETTE)]
-        pts = [
-            (a, b, s.labels[j] if j < len(s.labels) else "")
-            for j, (a, b) in enumerate(zip(s.x, s.y))
+        keep = [
+            j for j, (a, b) in enumerate(zip(s.x, s.y))
             if math.isfinite(a) and math.isfinite(b)
-        ]
+        ]  # fmt: skip
+        pts = [(s.x[j], s.y[j], s.labels[j] if j < len(s.labels) else "") for j in keep]
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        if (s.xerr or s.yerr) and pts:
+            ax.errorbar(xs, ys, xerr=_bars(s.xerr, keep), yerr=_bars(s.yerr, keep),
+                        fmt="none", ecolor=color, elinewidth=0.9, capsize=2, alpha=0.7)  # fmt: skip
         if s.style in ("line", "both") and len(pts) > 1:
             ax.plot(xs, ys, color=color, linewidth=1.6, label=s.name,
                     marker="o" if s.style == "both" else None, markersize=4)  # fmt: skip
@@ -161,6 +167,11 @@ def _draw(ax, chart: Chart) -> None:
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8,
                   frameon=False, borderaxespad=0.0)  # fmt: skip
     ax.margins(0.12)
+
+
+def _bars(err, keep: list[int]):
+    """matplotlib's asymmetric error bars [[below...], [above...]]."""
+    return None if not err else [[err[j][0] for j in keep], [err[j][1] for j in keep]]
 
 
 def _label_points(fig, ax) -> None:

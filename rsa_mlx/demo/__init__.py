@@ -32,18 +32,11 @@ from pathlib import Path
 
 from rsa_mlx import progress
 from rsa_mlx.config import TrainConfig
+from rsa_mlx.methods import METHODS
 
 ASSETS = Path(__file__).parent / "assets"
 BASE_MODEL = ASSETS / "base"
 
-# What each method trains (on top of the demo's shared settings).
-METHODS: dict[str, dict] = {
-    "dpo": {"stages": "reward", "loss": "dpo", "risk": "kl"},
-    "sacpo": {"loss": "dpo", "risk": "kl"},
-    "tdpo": {"loss": "variant2", "risk": "kl"},
-    "rsa-cvar": {"loss": "variant2", "risk": "cvar"},
-    "rsa-erm": {"loss": "variant2", "risk": "erm"},
-}
 MERGED = "rsa-cvar"  # the model whose merge ratio is swept
 
 
