@@ -89,6 +89,12 @@ DEMO_OPTIONS = [
         "--quick", is_flag=True, help="Demo only: a small budget (about a minute)."
     ),
     click.option("--methods", help="Demo only: comma-separated methods to compare."),
+    click.option(
+        "--study",
+        is_flag=True,
+        help="Demo only: a seeded sweep of the stepwise methods (about 90 min; "
+        "with --quick about 5) with intervals, fronts and verdicts.",
+    ),
 ]
 
 
@@ -136,6 +142,7 @@ def run(options: dict) -> None:
     options = dict(options)
     config_file = options.pop("config_file", None)
     quick, methods = options.pop("quick", False), options.pop("methods", None)
+    study = options.pop("study", False)
     settings = cli_settings(options)
     if settings.get("resume"):
         cfg = resume_config(settings, config_file)
@@ -147,10 +154,18 @@ def run(options: dict) -> None:
 
         if rank_zero_only("the demo"):
             return
+        if study:
+            from rsa_mlx.demo.study import run_study
+
+            run_study(cfg, settings, quick=quick, methods=methods)
+            return
         demo.run(cfg, settings, quick=quick, methods=methods)
         return
-    if quick or methods:
-        raise ConfigError("--quick and --methods are for the demo (no --model)")
+    if quick or methods or study:
+        raise ConfigError(
+            "--quick, --methods and --study are for the demo (no --model); "
+            "for your own model use rsa-mlx sweep"
+        )
     from rsa_mlx.trainer import train
 
     train(cfg)
