@@ -202,7 +202,12 @@ def evaluate(
         click.echo(
             ev.markdown_table(
                 {name: summary},
-                [*ev.COLUMNS, ("cvar_0.9", "CVaR0.9 cost"), ("worst", "worst")],
+                [
+                    *(c for c in ev.COLUMNS if c not in ev.SHIFT_COLUMNS),
+                    ("cvar_0.9", "CVaR0.9 cost"),
+                    ("worst", "worst"),
+                    *ev.SHIFT_COLUMNS,
+                ],
             )
         )
         click.echo(

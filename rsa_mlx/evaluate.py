@@ -414,15 +414,15 @@ def evaluate_model(
     return {"summary": summary, "samples": rows}
 
 
+# model shift from the reference (shown only where a result has it)
+SHIFT_COLUMNS = [("shift_kl", "KL shift"), ("shift_kl_cvar", "CVaR log-ratio")]
 COLUMNS = [
     ("helpfulness", "helpfulness"),
     ("unsafe_rate", "unsafe rate"),
     ("mean_cost", "mean cost"),
     ("cvar_0.99", "CVaR0.99 cost"),
     ("p_catastrophic", "P(catastrophic)"),
-    # model shift from the reference (shown only where a result has it)
-    ("shift_kl", "KL shift"),
-    ("shift_kl_cvar", "CVaR log-ratio"),
+    *SHIFT_COLUMNS,
 ]
 
 
