@@ -124,6 +124,13 @@ def info(no_bench: bool):
     type=click.Path(dir_okay=False),
     help="Write the results (summary and every sample) as JSON here.",
 )
+@click.option(
+    "--reference",
+    metavar="MODEL",
+    help="Base model (folder or HF id) to measure the model shift from "
+    "[default: the adapter's base model].",
+)
+@click.option("--no-shift", is_flag=True, help="Skip the model shift.")
 def evaluate(
     model,
     adapter_path,
@@ -136,14 +143,21 @@ def evaluate(
     seed,
     unsafe_threshold,
     output,
+    reference,
+    no_shift,
 ):
     """Sample K responses per prompt, score them, report helpfulness and tail risk.
+
+    With adapters (or --reference), also the model shift from the base model
+    on the sampled responses: the mean per-token KL(model || base) and the
+    CVaR0.95 (mean of the worst 5%) of the per-token log-ratio.
 
     \b
     Examples:
       rsa-mlx evaluate --adapter-path runs/x --prompts test.jsonl --scorer demo
       rsa-mlx evaluate --model M --prompts p.jsonl --scorer judge:meta-llama/Llama-Guard-3-1B
       rsa-mlx evaluate --model M --prompts p.jsonl --scorer mypkg.scores:harm
+      rsa-mlx evaluate --model M2 --reference M --prompts p.jsonl
     """
     from rsa_mlx import evaluate as ev
     from rsa_mlx.model import load
@@ -160,15 +174,25 @@ def evaluate(
         ev.check_scorer(judge, records)  # every row, before any model is loaded
         net, tokenizer = load(model, adapter_path=adapter_path, merge=merge)
         name = str(adapter_path or model)
+        base = _shift_reference(model, adapter_path, reference, no_shift)
+        base_net = None
+        if base is not None:
+            base_net, base_tokenizer = load(base)
+            if base_tokenizer.get_vocab() != tokenizer.get_vocab():
+                raise InputError(
+                    f"--reference {base}: its tokenizer differs from the model's; "
+                    "the shift needs the same one"
+                )
         result = ev.evaluate_model(
             net, tokenizer, records, judge, k, max_tokens, temperature, seed,
-            label=name,
+            label=name, reference=base_net,
         )  # fmt: skip
         result["model"] = {
             "model": model,
             "adapter_path": adapter_path,
             "merge": merge,
             "scorer": scorer,
+            "reference": None if base is None else str(base),
         }
         if output:
             from rsa_mlx.atomic import save_json
@@ -178,15 +202,53 @@ def evaluate(
         click.echo(
             ev.markdown_table(
                 {name: summary},
-                [*ev.COLUMNS, ("cvar_0.9", "CVaR0.9 cost"), ("worst", "worst")],
+                [
+                    *(c for c in ev.COLUMNS if c not in ev.SHIFT_COLUMNS),
+                    ("cvar_0.9", "CVaR0.9 cost"),
+                    ("worst", "worst"),
+                    *ev.SHIFT_COLUMNS,
+                ],
             )
         )
         click.echo(
             f"unsafe rate {summary['unsafe_rate']:.4f} "
             f"(unsafe: {summary['unsafe_rule']}, scorer {judge.name})"
         )
+        click.echo(_shift_line(summary, base, no_shift))
 
     _guard(run)
+
+
+def _shift_reference(model, adapter_path, reference, no_shift) -> str | None:
+    """The base model to measure `evaluate`'s model shift from, or None:
+    --reference, else the adapter's base model (adapters switched off)."""
+    if no_shift:
+        return None
+    if reference is not None:
+        return reference
+    if adapter_path is None:
+        return None
+    if model is None:
+        from rsa_mlx.runs import resolve_adapter
+
+        model = resolve_adapter(adapter_path)[1]["model"]  # load() checked it
+    return model
+
+
+def _shift_line(summary: dict, base, no_shift: bool) -> str:
+    if no_shift:
+        return "model shift: skipped (--no-shift)"
+    if base is None:
+        return "model shift: none (no adapter; give --reference MODEL to measure it)"
+    if not summary.get("shift_tokens"):
+        return f"model shift from {base}: no response tokens to measure"
+    mu = summary["shift_mu"]
+    return (
+        f"model shift from {base}: KL {summary['shift_kl']:.4g} per token "
+        f"(mean log-ratio {summary['shift_logratio']:.4g}), "
+        f"CVaR{mu:g} log-ratio {summary['shift_kl_cvar']:.4g}, "
+        f"over {summary['shift_tokens']} response tokens"
+    )
 
 
 @main.command()

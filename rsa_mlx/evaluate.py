@@ -215,6 +215,32 @@ def sample_responses(
     every response (after the chat template's generation prompt) and the
     model continues it; the returned texts start with it.
     """
+    return sample_with_ids(
+        model, tokenizer, records, k, max_tokens, temperature, top_p, seed,
+        batch_size, label, prefix,
+    )[0]  # fmt: skip
+
+
+def sample_with_ids(
+    model,
+    tokenizer,
+    records: Sequence[PromptRecord],
+    k: int = 8,
+    max_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    label: str = "sampling",
+    prefix: str = "",
+) -> tuple[list[list[str]], list[list[tuple[list[int], list[int]]]]]:
+    """:func:`sample_responses`, also returning the token ids sampled.
+
+    Returns ``(texts, ids)``: ``ids[i][j] = (prompt_ids, response_ids)`` for
+    ``texts[i][j]``; the prompt ids are those the model was given (the
+    prefix's tokens included), the response ids those it generated (without
+    the end-of-sequence token that stopped it: mlx-lm does not return it).
+    """
     from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
 
@@ -227,6 +253,7 @@ def sample_responses(
     flat = [p for p in ids for _ in range(k)]
     sampler = make_sampler(temp=temperature, top_p=top_p)
     texts: list[str] = []
+    generated: list[list[int]] = []
     with progress.task(label, len(flat), "responses") as bar:
         for start in range(0, len(flat), batch_size):
             batch = flat[start : start + batch_size]
@@ -238,10 +265,16 @@ def sample_responses(
                 sampler=sampler,
                 completion_batch_size=batch_size,
                 prefill_batch_size=min(batch_size, 32),
+                return_token_ids=True,
             )
             texts.extend(prefix + t for t in result.texts)
+            generated.extend([int(t) for t in ids] for ids in result.token_ids)
             bar.advance(len(batch))
-    return [texts[i * k : (i + 1) * k] for i in range(len(records))]
+    pairs = [(list(p), r) for p, r in zip(flat, generated)]
+    return (
+        [texts[i * k : (i + 1) * k] for i in range(len(records))],
+        [pairs[i * k : (i + 1) * k] for i in range(len(records))],
+    )
 
 
 def check_sampling(
@@ -291,14 +324,27 @@ def evaluate_model(
     seed: int = 0,
     batch_size: int = 64,
     label: str = "model",
+    reference=None,
+    shift_mu: float = 0.95,
 ) -> dict:
     """Sample, score and summarise; the result is JSON-serialisable.
 
     The summary's ``unsafe_rule`` (and ``unsafe_threshold`` where the scorer
     has one) says what the unsafe rate counts.
+
+    With a ``reference`` (the base/SFT model, same tokenizer) the summary
+    also has the model shift on the sampled responses
+    (:func:`rsa_mlx.shift.model_shift`, teacher-forced on the very token ids
+    sampled): ``shift_kl`` (mean per-token KL(model || reference)),
+    ``shift_kl_cvar`` (CVaR at ``shift_mu`` of the per-token log-ratio of
+    the sampled tokens), ``shift_kl_tail`` (CVaR at ``shift_mu`` of the
+    per-token KL), ``shift_logratio`` (mean log-ratio), ``shift_tokens`` and
+    ``shift_mu``. Without one, none of these keys.
     """
     check_scorer(scorer, records)
-    samples = sample_responses(
+    if reference is not None and not 0.0 <= shift_mu <= 1.0:
+        raise InputError(f"the shift's CVaR level must be in [0, 1], not {shift_mu}")
+    samples, ids = sample_with_ids(
         model,
         tokenizer,
         records,
@@ -346,15 +392,37 @@ def evaluate_model(
         "responses": len(costs),
         "k": k,
     }
+    if reference is not None:
+        from rsa_mlx.shift import model_shift
+
+        shift = model_shift(
+            model,
+            reference,
+            tokenizer,
+            [pair for pairs in ids for pair in pairs],
+            mu=shift_mu,
+            label=f"{label}: model shift",
+        )
+        summary.update(
+            shift_kl=shift["kl_mean"],
+            shift_kl_cvar=shift["kl_cvar"],
+            shift_kl_tail=shift["kl_tail"],
+            shift_logratio=shift["logratio_mean"],
+            shift_tokens=shift["tokens"],
+            shift_mu=shift["mu"],
+        )
     return {"summary": summary, "samples": rows}
 
 
+# model shift from the reference (shown only where a result has it)
+SHIFT_COLUMNS = [("shift_kl", "KL shift"), ("shift_kl_cvar", "CVaR log-ratio")]
 COLUMNS = [
     ("helpfulness", "helpfulness"),
     ("unsafe_rate", "unsafe rate"),
     ("mean_cost", "mean cost"),
     ("cvar_0.99", "CVaR0.99 cost"),
     ("p_catastrophic", "P(catastrophic)"),
+    *SHIFT_COLUMNS,
 ]
 
 
