@@ -149,8 +149,8 @@ def evaluate(
     """Sample K responses per prompt, score them, report helpfulness and tail risk.
 
     With adapters (or --reference), also the model shift from the base model
-    on the sampled responses: the mean per-token KL(model || base) and the
-    CVaR0.95 (mean of the worst 5%) of the per-token log-ratio.
+    on the sampled responses: the mean per-token KL(model || base), its
+    CVaR0.9 over tokens (mean of the worst 10%) and that of the log-ratio.
 
     \b
     Examples:
@@ -245,8 +245,8 @@ def _shift_line(summary: dict, base, no_shift: bool) -> str:
     mu = summary["shift_mu"]
     return (
         f"model shift from {base}: KL {summary['shift_kl']:.4g} per token "
-        f"(mean log-ratio {summary['shift_logratio']:.4g}), "
-        f"CVaR{mu:g} log-ratio {summary['shift_kl_cvar']:.4g}, "
+        f"(CVaR{mu:g} {summary['shift_kl_cvar']:.4g}; mean log-ratio "
+        f"{summary['shift_logratio']:.4g}), CVaR{mu:g} log-ratio {summary['shift_logratio_cvar']:.4g}, "
         f"over {summary['shift_tokens']} response tokens"
     )
 

@@ -325,7 +325,7 @@ def evaluate_model(
     batch_size: int = 64,
     label: str = "model",
     reference=None,
-    shift_mu: float = 0.95,
+    shift_mu: float = 0.9,
 ) -> dict:
     """Sample, score and summarise; the result is JSON-serialisable.
 
@@ -336,8 +336,8 @@ def evaluate_model(
     also has the model shift on the sampled responses
     (:func:`rsa_mlx.shift.model_shift`, teacher-forced on the very token ids
     sampled): ``shift_kl`` (mean per-token KL(model || reference)),
-    ``shift_kl_cvar`` (CVaR at ``shift_mu`` of the per-token log-ratio of
-    the sampled tokens), ``shift_kl_tail`` (CVaR at ``shift_mu`` of the
+    ``shift_logratio_cvar`` (CVaR at ``shift_mu`` of the per-token log-ratio of
+    the sampled tokens), ``shift_kl_cvar`` (CVaR at ``shift_mu`` of the
     per-token KL), ``shift_logratio`` (mean log-ratio), ``shift_tokens`` and
     ``shift_mu``. Without one, none of these keys.
     """
@@ -405,8 +405,8 @@ def evaluate_model(
         )
         summary.update(
             shift_kl=shift["kl_mean"],
+            shift_logratio_cvar=shift["logratio_cvar"],
             shift_kl_cvar=shift["kl_cvar"],
-            shift_kl_tail=shift["kl_tail"],
             shift_logratio=shift["logratio_mean"],
             shift_tokens=shift["tokens"],
             shift_mu=shift["mu"],
@@ -415,7 +415,11 @@ def evaluate_model(
 
 
 # model shift from the reference (shown only where a result has it)
-SHIFT_COLUMNS = [("shift_kl", "KL shift"), ("shift_kl_cvar", "CVaR log-ratio")]
+SHIFT_COLUMNS = [
+    ("shift_kl", "KL shift"),
+    ("shift_kl_cvar", "CVaR KL shift"),
+    ("shift_logratio_cvar", "CVaR log-ratio"),
+]
 COLUMNS = [
     ("helpfulness", "helpfulness"),
     ("unsafe_rate", "unsafe rate"),

@@ -42,7 +42,8 @@ LABELS = {
     "p_other": "P(non-canonical)",
     "degenerate": "degenerate",
     "shift_kl": "KL shift",
-    "shift_kl_cvar": "CVaR log-ratio",
+    "shift_kl_cvar": "CVaR0.9 KL shift",
+    "shift_logratio_cvar": "CVaR0.9 log-ratio",
 }
 
 
@@ -305,7 +306,7 @@ def report(rows: list[dict], out: Path, harms: list[str], title: str = "Sweep") 
     base, stage1, settings = aggregate(rows)
     harms = [h for h in harms if any(h in s.metrics for s in settings)]
     methods = list(dict.fromkeys(s.method for s in settings))
-    keys = [HELPFUL, *harms] + [k for k in (*COLLAPSE_KEYS, SHIFT, "shift_kl_cvar")
+    keys = [HELPFUL, *harms] + [k for k in (*COLLAPSE_KEYS, SHIFT, "shift_kl_cvar", "shift_logratio_cvar")
                                 if any(k in s.metrics for s in settings)]  # fmt: skip
     lines = []
     for harm in harms:

@@ -179,11 +179,11 @@ def test_model_against_itself_is_exactly_zero(tiny):
     got = model_shift(model, model, tok, SEQUENCES, batch_size=2)
     assert got == {
         "kl_mean": 0.0,
+        "logratio_cvar": 0.0,
         "kl_cvar": 0.0,
-        "kl_tail": 0.0,
         "logratio_mean": 0.0,
         "tokens": 11,
-        "mu": 0.95,
+        "mu": 0.9,
     }
     # a separate copy of the same weights: exactly 0 as well
     twin, _ = mlx_load(str(tiny / "model"))
@@ -205,10 +205,10 @@ def test_model_shift_equals_a_float64_brute_force(tiny, batch_size):
             got["logratio_mean"], np.mean(ratios), rel_tol=1e-4, abs_tol=1e-4
         )
         assert math.isclose(
-            got["kl_cvar"], brute_cvar(ratios, mu), rel_tol=1e-4, abs_tol=1e-4
+            got["logratio_cvar"], brute_cvar(ratios, mu), rel_tol=1e-4, abs_tol=1e-4
         )
-        assert math.isclose(got["kl_tail"], brute_cvar(kls, mu), rel_tol=1e-4)
-    assert got["kl_cvar"] >= got["logratio_mean"]
+        assert math.isclose(got["kl_cvar"], brute_cvar(kls, mu), rel_tol=1e-4)
+    assert got["logratio_cvar"] >= got["logratio_mean"]
 
 
 def test_model_shift_edge_cases(tiny):
@@ -216,7 +216,9 @@ def test_model_shift_edge_cases(tiny):
     reference = perturbed(tiny / "model")
     nothing = model_shift(model, reference, None, [([1, 2], []), ([3], [])])
     assert nothing["tokens"] == 0
-    assert all(nothing[k] is None for k in ("kl_mean", "kl_cvar", "logratio_mean"))
+    assert all(
+        nothing[k] is None for k in ("kl_mean", "logratio_cvar", "logratio_mean")
+    )
     assert model_shift(model, reference, None, [])["tokens"] == 0
     with pytest.raises(InputError, match="no tokens"):
         model_shift(model, reference, None, [([], [1, 2])])
@@ -271,8 +273,8 @@ def test_evaluate_model_reports_the_shift_only_with_a_reference(tiny):
     _, ids = ev.sample_with_ids(model, tok, records, 2, 4, 30.0, seed=3)
     want = model_shift(model, reference, tok, [x for row in ids for x in row], 0.5)
     assert summary["shift_kl"] == want["kl_mean"] > 0
+    assert summary["shift_logratio_cvar"] == want["logratio_cvar"]
     assert summary["shift_kl_cvar"] == want["kl_cvar"]
-    assert summary["shift_kl_tail"] == want["kl_tail"]
     assert summary["shift_logratio"] == want["logratio_mean"]
     assert summary["shift_tokens"] == want["tokens"] > 0
     assert summary["shift_mu"] == 0.5
@@ -330,11 +332,11 @@ def test_cli_evaluate_of_an_adapter_measures_the_shift_from_its_base(
         output, result = evaluate(tiny, tmp_path, scorer_module, *args)
         summary = result["summary"]
         assert summary["shift_kl"] > 0 and summary["shift_tokens"] > 0
-        assert summary["shift_mu"] == 0.95
+        assert summary["shift_mu"] == 0.9
         assert result["model"]["reference"] == str(tiny / "model")
         assert f"model shift from {tiny / 'model'}: KL " in output
-        assert "CVaR0.95 log-ratio" in output
-        assert "| worst | KL shift | CVaR log-ratio |" in output  # shift last
+        assert "CVaR0.9 log-ratio" in output
+        assert "| worst | KL shift | CVaR KL shift | CVaR log-ratio |" in output  # shift last
     _, again = evaluate(tiny, tmp_path, scorer_module, *args)
     assert again["summary"] == summary  # seeded: the same numbers
 
