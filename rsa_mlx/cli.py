@@ -488,9 +488,11 @@ def _guard(fn):
 
 
 def _register():
+    from rsa_mlx.cli_sweep import sweep
     from rsa_mlx.train import main as align
 
     main.add_command(align, "align")
+    main.add_command(sweep, "sweep")
 
 
 _register()

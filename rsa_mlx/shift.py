@@ -204,3 +204,30 @@ def model_shift(
         "tokens": int(kl.size),
         "mu": mu,
     }
+
+
+# Mean log-probability per token under the base model below which a response
+# is degenerate. Measured on SmolLM2-135M: its own samples have a median of
+# -1.6 (5th percentile -2.4); a collapsed fine-tune's word salad -4.9 to -5.6.
+DEGENERATE_LOGPROB = -4.0
+
+
+def fluency(model, tokenizer, records, answers) -> list[list[float]]:
+    """Mean log-probability per token of each answer under ``model``."""
+    from rsa_mlx.evaluate import prompt_ids, sequence_logprobs
+
+    prompts, responses, where = [], [], []
+    for i, (record, texts) in enumerate(zip(records, answers)):
+        ids = prompt_ids(tokenizer, record)
+        for j, text in enumerate(texts):
+            tokens = tokenizer.encode(text, add_special_tokens=False)
+            if tokens:
+                prompts.append(ids)
+                responses.append(tokens)
+                where.append((i, j))
+    out = [[float("nan")] * len(t) for t in answers]
+    if prompts:
+        totals = sequence_logprobs(model, prompts, responses, batch_size=32)
+        for (i, j), total, tokens in zip(where, totals, responses):
+            out[i][j] = float(total / len(tokens))
+    return out

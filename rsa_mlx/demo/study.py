@@ -53,7 +53,7 @@ QUICK_STUDY = Study(
     methods=("sacpo", "rsa-cvar"),
     safety_betas=(0.1, 0.01),
     learning_rates=(1e-4,),
-    seeds=(0, 1),
+    seeds=(0, 1, 2),
     iters=60,
     samples=2,
 )
