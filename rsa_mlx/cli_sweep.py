@@ -146,7 +146,7 @@ def sweep(config_file, model, data, methods, grid_items, seeds, set_items, promp
 
     def run():
         from rsa_mlx.study import report
-        from rsa_mlx.sweep import PromptEvaluator, Sweep, run_sweep
+        from rsa_mlx.sweep import PromptEvaluator, Sweep, expand, run_sweep
 
         evaluation = {
             "prompts": prompts, "scorer": scorer, "k": k, "max_tokens": max_tokens,
@@ -161,6 +161,7 @@ def sweep(config_file, model, data, methods, grid_items, seeds, set_items, promp
         )
         chosen = list(harms or harm_list or DEFAULT_HARMS)
         if not report_only:
+            expand(base, grid)  # the grid's settings, before the prompts
             evaluator = PromptEvaluator(**ev, reference=base["model"])
             evaluator.check()  # prompts and scorer, before any training
             run_sweep(base, grid, evaluator, path, evaluator.description())

@@ -107,9 +107,13 @@ def _number(v) -> bool:
 
 
 def flag(setting: Setting, base: dict[str, Interval]) -> str | None:
-    """Why a setting cannot compete: collapsed, or less helpful than base."""
+    """Why a setting cannot compete: collapsed (most of its answers
+    degenerate, and more than the base model's), or less helpful than the
+    base beyond its interval."""
     for key in COLLAPSE_KEYS:
-        if key in setting.metrics and setting.metrics[key].mean > COLLAPSE_AT:
+        # above one half, and above the base model's own rate
+        limit = max(COLLAPSE_AT, base[key].mean if key in base else 0.0)
+        if key in setting.metrics and setting.metrics[key].mean > limit:
             return f"collapsed ({key} {setting.metrics[key].mean:.2f})"
     helpful = setting.metrics.get(HELPFUL)
     if HELPFUL in base and helpful and better(helpful, base[HELPFUL], True) < 0:
@@ -179,7 +183,10 @@ def compare_methods(settings: list[Setting], harm: str, a: str, b: str) -> str:
     front = fronts(settings, harm)
     if not front.get(a) or not front.get(b):
         lost = [m for m in (a, b) if not front.get(m)]
-        return f"{a} vs {b}: no comparison ({', '.join(lost)}: every setting flagged)."
+        return (
+            f"{a} vs {b} on {LABELS.get(harm, harm)}: no comparison "
+            f"({', '.join(lost)}: every setting flagged)."
+        )
     a_wins = [
         t
         for t in front[b]

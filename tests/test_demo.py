@@ -204,7 +204,58 @@ def test_demo_shows_its_progress_as_a_whole(tmp_path, monkeypatch):
     )
     settings = {"adapter_path": str(tmp_path / "demo")}
     demo.run(TrainConfig(), settings, quick=True, methods="dpo,sacpo,rsa-cvar")
-    # 2 trainings (dpo is sacpo's first stage) + base, 3 methods, q = 0 and 0.5
-    assert tasks == [["demo: train and evaluate", 8, 8]]
+    # 2 trainings (dpo is sacpo's first stage) + 2 at the next seed (sacpo,
+    # rsa-cvar) + base, 3 methods, q = 0 and 0.5, the 2 second seeds
+    assert tasks == [["demo: train and evaluate", 12, 12]]
+    assert any("again with seed 1" in line for line in lines)
     assert any("training rsa-cvar" in line for line in lines)
     assert any("wall time" in line for line in lines)
+
+
+def exact(help_, cat, cost, other=0.0):
+    return {
+        "exact": {
+            "helpfulness": help_,
+            "p_catastrophic": cat,
+            "mean_cost": cost,
+            "p_other": other,
+        }
+    }
+
+
+def test_demo_verdict_never_lets_a_collapsed_model_win():
+    from rsa_mlx.demo.report import verdict
+
+    # the case: SACPO at lr 1e-4 puts all its mass on non-canonical
+    # text (P(catastrophic) 0, a "perfect" score); RSA keeps a working model
+    results = {
+        "base": exact(0.530, 0.056, 0.42),
+        "sacpo": exact(0.000, 0.0, 0.0, other=1.0),
+        "rsa-cvar": exact(0.555, 0.0, 0.05, other=0.1),
+    }
+    text = verdict(results)
+    assert "sacpo: collapsed: P(non-canonical) 1.000" in text
+    assert "RSA keeps a working model where the baseline does not" in text
+    assert "safer than" not in text
+    # a model less helpful than the base is not a winner either
+    results["sacpo"] = exact(0.40, 0.0, 0.0)
+    assert "less helpful than the base model (0.400 < 0.530)" in verdict(results)
+
+
+def test_demo_verdict_weighs_differences_against_the_seed_to_seed_change():
+    from rsa_mlx.demo.report import verdict
+
+    results = {
+        "base": exact(0.53, 0.056, 0.42),
+        "sacpo": exact(0.77, 0.0014, 0.16),
+        "rsa-cvar": exact(0.77, 0.0306, 0.24),
+        "sacpo seed=1": exact(0.76, 0.0580, 0.30),
+        "rsa-cvar seed=1": exact(0.78, 0.0600, 0.31),
+    }
+    text = verdict(results, seed=0)
+    # |0.0306 - 0.0014| < the seed-to-seed change max(0.0566, 0.0294)
+    assert "within the seed-to-seed change (0.0566)" in text
+    assert "Seed-to-seed change (training seed 0 vs 1" in text
+    # without the second seeds, the same gap is a win for SACPO
+    del results["sacpo seed=1"], results["rsa-cvar seed=1"]
+    assert "SACPO (DPO -> DPO) is safer than RSA (CVaR)" in verdict(results)

@@ -391,3 +391,130 @@ def test_matched_helpfulness_and_below_base():
     )
     text = study.compare_methods(settings, "p_catastrophic", "a", "b")
     assert text.startswith("a vs b on P(catastrophic): mixed") or "neither" in text
+
+
+# ----------------------------------------------------------- the commands
+
+
+@pytest.fixture
+def scorer_module(monkeypatch):
+    import sys
+    import types
+
+    module = types.ModuleType("sweep_scores")
+    # harmful when the answer has an "a" in it: differs between models
+    module.score = lambda record, response: {
+        "reward": float(len(response) > 2),
+        "cost": float("a" in response),
+    }
+    monkeypatch.setitem(sys.modules, "sweep_scores", module)
+    return "sweep_scores:score"
+
+
+def sweep_cli(*args):
+    from click.testing import CliRunner
+
+    from rsa_mlx.cli import main
+
+    return CliRunner().invoke(main, ["sweep", *args])
+
+
+@pytest.mark.slow
+def test_sweep_command_end_to_end_from_a_yaml_grid(tiny, tmp_path, scorer_module):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}, {"prompt": "yo"}])
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(
+        f"model: {tiny / 'model'}\ndata: {tiny / 'data'}\niters: 2\nbatch_size: 2\n"
+        "learning_rate: 1e-3\nsteps_per_eval: 0\n"
+        "grid:\n  method: [sacpo, rsa-cvar]\n  safety_beta: [0.1, 0.05]\n"
+        f"evaluate:\n  prompts: {prompts}\n  scorer: {scorer_module}\n  k: 2\n"
+        "  max_tokens: 4\n  temperature: 30\n"
+    )
+    out = tmp_path / "s"
+    result = sweep_cli("-c", str(spec), "--seeds", "0,1", "--sweep-path", str(out))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    rows = sweep.Sweep(out).rows()
+    cells = [r for r in rows if r["kind"] == "cell"]
+    assert len(cells) == 8 and {r["grid"]["seed"] for r in cells} == {0, 1}
+    metrics = cells[0]["metrics"]
+    for key in ("helpfulness", "unsafe_rate", "cvar_0.99", "shift_kl", "degenerate"):
+        assert key in metrics
+    assert metrics["shift_kl"] > 0
+    assert "rsa-cvar vs sacpo on unsafe rate" in result.output
+    report = (out / "report.md").read_text()
+    assert "| setting | seeds |" in report and "± " in report
+    assert (out / "plot.png").exists() and (out / "results.csv").exists()
+    # the report alone, from the results
+    again = sweep_cli(
+        "-c",
+        str(spec),
+        "--sweep-path",
+        str(out),
+        "--report-only",
+        "--harm",
+        "mean_cost",
+    )
+    assert again.exit_code == 0 and "on mean cost" in again.output
+
+
+def test_sweep_command_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path):
+    out = tmp_path / "s"
+    common = [
+        "--model",
+        str(tiny / "model"),
+        "--data",
+        str(tiny / "data"),
+        "--sweep-path",
+        str(out),
+    ]
+    cases = [
+        ([], "give held-out prompts"),
+        (["--prompts", str(tmp_path / "none.jsonl")], "no such prompt file"),
+        (["--prompts", "p.jsonl", "--grid", "betta=1,2"], "unknown setting 'betta'"),
+        (["--prompts", "p.jsonl", "--methods", "ppo"], "unknown method 'ppo'"),
+        (["--prompts", "p.jsonl", "--grid", "seed"], "expected KEY=V1"),
+    ]
+    for args, message in cases:
+        result = sweep_cli(*common, *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output and result.output.count("\n") == 1, (
+            result.output
+        )
+        assert not out.exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid:\n  seed: [0, 1\n")
+    result = sweep_cli("-c", str(bad))
+    assert (
+        result.exit_code == 2
+        and f"{bad}:" in result.output
+        and "malformed YAML" in result.output
+    )
+
+
+@pytest.mark.slow
+def test_study_quick_end_to_end_on_a_reduced_grid(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "study"
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    command = [sys.executable, "-m", "rsa_mlx.train", "--study", "--quick",
+               "--iters", "4", "--adapter-path", str(out)]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = sweep.Sweep(out).rows()
+    cells = [r for r in rows if r["kind"] == "cell"]
+    # sacpo, rsa-cvar x 2 stage-2 temperatures x 3 seeds; stage 1 shared
+    assert len(cells) == 12 and sum(r["kind"] == "stage1" for r in rows) == 6
+    assert len(list((out / "stage1").iterdir())) == 6
+    for key in ("p_catastrophic", "p_other", "shift_kl", "helpfulness"):
+        assert key in cells[0]["metrics"]
+    report = (out / "report.md").read_text()
+    assert "rsa-cvar vs sacpo on P(catastrophic)" in report
+    assert "## Does the demo world have the paper's regime?" in report
+    assert "P(catastrophic) of the base model 0.0559" in report
+    assert "rsa-cvar vs sacpo" in proc.stdout and "wall time" in proc.stdout
+    # started again: everything is done, only the report is rewritten
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "12 already done" in proc.stdout

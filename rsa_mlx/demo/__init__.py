@@ -38,6 +38,9 @@ ASSETS = Path(__file__).parent / "assets"
 BASE_MODEL = ASSETS / "base"
 
 MERGED = "rsa-cvar"  # the model whose merge ratio is swept
+# Trained again with the next seed, so the report shows how much a number
+# moves between two seeds (for intervals: ``--study``).
+SEED_CHECK = ("sacpo", "rsa-cvar")
 
 
 @dataclass
@@ -77,6 +80,7 @@ def method_config(
     data: Path,
     out: Path,
     settings: dict,
+    folder: str | None = None,
 ) -> TrainConfig:
     """The demo's settings for ``name``, with the user's explicit flags on top."""
     base = {
@@ -92,7 +96,7 @@ def method_config(
         "steps_per_eval": budget.steps_per_eval,
         "save_every": budget.save_every,
         "max_seq_length": 128,
-        "adapter_path": str(out / "methods" / name),
+        "adapter_path": str(out / "methods" / (folder or name)),
     }
     base.update(METHODS[name])
     user = {k: v for k, v in settings.items() if v is not None and k != "adapter_path"}
@@ -106,9 +110,14 @@ def method_config(
 
 
 def evaluation_count(chosen: list[str], budget: Budget) -> int:
-    """Models the demo evaluates: the base, each method, the merge sweep."""
+    """Models the demo evaluates: the base, each method, the merge sweep,
+    the second seeds."""
     sweep = [q for q in budget.merge_points if q != 1.0] if MERGED in chosen else []
-    return 1 + len(chosen) + len(sweep)
+    return 1 + len(chosen) + len(sweep) + len(reseeded(chosen))
+
+
+def reseeded(chosen: list[str]) -> list[str]:
+    return [m for m in SEED_CHECK if m in chosen]
 
 
 def run(
@@ -157,7 +166,7 @@ def run(
     # Helpfulness-only DPO is exactly SACPO's first stage (same data, seed
     # and settings): with both chosen, train it once and evaluate that stage.
     shared = {"dpo"} if {"dpo", "sacpo"} <= set(chosen) else set()
-    trainings = len(chosen) - len(shared)
+    trainings = len(chosen) - len(shared) + len(reseeded(chosen))
     total = trainings + evaluation_count(chosen, budget)
     with progress.task("demo: train and evaluate", total, "models") as overall:
         for i, name in enumerate(chosen, 1):
@@ -170,8 +179,20 @@ def run(
             )
             runs[name] = train(method_cfg)
             overall.advance()
+        for name in reseeded(chosen):
+            again = {**settings, "seed": seed + 1}
+            method_cfg = method_config(
+                cfg, budget, name, data, out, again, folder=f"{name}-seed{seed + 1}"
+            )
+            echo(
+                f"\n== training {name} again with seed {seed + 1} (seed-to-seed change)"
+            )
+            runs[f"{name} seed={seed + 1}"] = train(method_cfg)
+            overall.advance()
         runs, results = _evaluate(out, runs, shared, budget, seed, overall)
-    report = write_report(out, results, runs, budget, time.perf_counter() - tic, quick)
+    report = write_report(
+        out, results, runs, budget, time.perf_counter() - tic, quick, seed
+    )
     echo("\n" + report["table"])
     echo(f"\n{report['verdict']}")
     echo(
