@@ -69,3 +69,18 @@ def test_real_model_recipe_with_local_folders_in_the_hub_layout(tmp_path):
     assert (work / "hf" / "config.json").exists()
     assert (work / "peft" / "adapter_config.json").exists()
     assert "cvar" in (work / "hf" / "README.md").read_text()
+
+
+def test_sweep_example_grid_shares_stage_1_across_temperatures():
+    from rsa_mlx.cli_sweep import plan
+    from rsa_mlx.sweep import expand
+
+    base, grid, evaluation, path, harms = plan(
+        str(EXAMPLES / "sweep_smollm2.yaml"), None, None, None, (), None, (), {}
+    )
+    cells = expand(base, grid)
+    assert len(cells) == 24
+    assert len({c.train_key for c in cells}) == 24
+    assert len({c.stage1_key for c in cells}) == 12  # method x lr x seed
+    assert evaluation["scorer"] == "refusal" and harms == ["unsafe_rate"]
+    assert path == "work/smollm2/sweep"
