@@ -173,4 +173,17 @@ def sweep(config_file, model, data, methods, grid_items, seeds, set_items, promp
         click.echo("\n" + "\n".join(f"- {line}" for line in result["verdict"]))
         click.echo(f"\nReport: {path / 'report.md'}, plot: {path / 'plot.png'}")
 
-    _guard(run)
+    from rsa_mlx.loop import Interrupted
+
+    stopped = []
+
+    def body():
+        try:
+            run()
+        except Interrupted as e:  # a checkpoint was saved: not a bad input
+            stopped.append(e)
+
+    _guard(body)
+    if stopped:  # the same command resumes
+        click.echo(str(stopped[0]), err=True)
+        raise SystemExit(128 + stopped[0].signum)

@@ -30,6 +30,7 @@ import hashlib
 import io
 import itertools
 import json
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -39,6 +40,7 @@ from rsa_mlx import progress
 from rsa_mlx.atomic import save_json, save_text
 from rsa_mlx.config import FIELDS, RESULT_FREE, TrainConfig, resolve
 from rsa_mlx.errors import ConfigError, quote
+from rsa_mlx.loop import Interrupted
 from rsa_mlx.methods import method_settings
 from rsa_mlx.runs import RUN_FILE
 
@@ -210,19 +212,27 @@ class Sweep:
 
 
 def to_csv(rows: list[dict]) -> str:
-    """One line per row: id, kind, method, the grid values, the metrics."""
+    """One line per row: id, kind, method, the grid values, the metrics,
+    then every other setting of the cell."""
     grid = list(dict.fromkeys(k for r in rows for k in r.get("grid", {})))
     metrics = list(dict.fromkeys(k for r in rows for k in r["metrics"]))
+    settings = list(dict.fromkeys(k for r in rows for k in r.get("settings", {})))
+    settings = [k for k in settings if k not in grid]
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["id", "kind", "method", *grid, *metrics])
+    writer.writerow(["id", "kind", "method", *grid, *metrics, *settings])
     for r in rows:
         writer.writerow(
             [r["id"], r["kind"], r["method"]]
             + [r.get("grid", {}).get(k, "") for k in grid]
             + [r["metrics"].get(k, "") for k in metrics]
+            + [_cell(r.get("settings", {}).get(k, "")) for k in settings]
         )
     return out.getvalue()
+
+
+def _cell(value):
+    return json.dumps(value) if isinstance(value, (dict, list)) else value
 
 
 def _finished(run_dir: Path) -> bool:
@@ -257,6 +267,25 @@ def ensure_trained(sweep: Sweep, cell: Cell, train_fn) -> Path:
 
 
 Evaluator = Callable[..., dict]  # (model, tokenizer, label) -> {metric: float}
+
+
+class SweepInterrupted(Interrupted):
+    """A cell's training was stopped by a signal (after a checkpoint)."""
+
+    def __init__(self, stopped: Interrupted, path: Path):
+        super().__init__(
+            stopped.signum, stopped.stage, stopped.iteration, stopped.checkpoint
+        )
+        self.path = path
+
+    def __str__(self) -> str:
+        name = signal.Signals(self.signum).name
+        return (
+            f"sweep stopped by {name} in {self.run_dir} [{self.stage}] after "
+            f"iteration {self.iteration} (checkpoint saved). Run the same command "
+            f"again to continue {self.path}: finished cells are kept and this one "
+            "resumes from its checkpoint"
+        )
 
 
 def run_sweep(
@@ -309,7 +338,10 @@ def run_sweep(
         for i, cell in enumerate(todo, 1):
             values = ", ".join(f"{k}={v}" for k, v in cell.values)
             echo(f"\n== sweep cell {i}/{len(todo)}: {values}")
-            run_dir = ensure_trained(sweep, cell, train_fn)
+            try:
+                run_dir = ensure_trained(sweep, cell, train_fn)
+            except Interrupted as e:
+                raise SweepInterrupted(e, sweep.path) from None
             key = cell.stage1_key
             if key is not None and key not in {r["id"] for r in sweep.rows()}:
                 grid = {

@@ -518,3 +518,28 @@ def test_study_quick_end_to_end_on_a_reduced_grid(tmp_path):
     # started again: everything is done, only the report is rewritten
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and "12 already done" in proc.stdout
+
+
+class SendSignal(trainer.Reporter):
+    def tick(self, stage, it, iters, seconds):
+        import os
+        import signal
+
+        if (stage, it) == ("safety", 2):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_in_a_sweep_says_how_to_continue(tiny, tmp_path):
+    grid = {"method": ["sacpo"], "safety_beta": [0.1, 0.05]}
+    train = CountingTrain(reporter=SendSignal, kill_at=2)  # the first cell's stage 2
+    with pytest.raises(sweep.SweepInterrupted) as stop:
+        sweep.run_sweep(
+            base_settings(tiny), grid, Recorder(), tmp_path / "s", train_fn=train
+        )
+    message = str(stop.value)
+    assert (
+        "sweep stopped by SIGINT" in message and "Run the same command again" in message
+    )
+    assert stop.value.signum == 2
+    rows = sweep.run_sweep(base_settings(tiny), grid, Recorder(), tmp_path / "s")
+    assert sum(r["kind"] == "cell" for r in rows) == 2
