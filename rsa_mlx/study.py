@@ -211,27 +211,34 @@ def compare_methods(settings: list[Setting], harm: str, a: str, b: str) -> str:
     else:
         head = "neither beats the other: no setting of one is better than a front setting of the other beyond the 95% intervals"
     text = f"{a} vs {b} on {LABELS.get(harm, harm)}: {head}."
+    name = LABELS.get(harm, harm)
     pairs = matched(front[a], front[b], HELPFUL, harm)
     if pairs:
-        parts = []
-        for x, ya, yb in pairs:
-            order = better(ya, yb, False)
-            sign = "<" if order > 0 else ">" if order < 0 else "≈"
-            parts.append(f"{x:.3f}: {ya} {sign} {yb}")
-        text += f" At matched helpfulness ({a} vs {b}): " + "; ".join(parts) + "."
+        parts = [f"{x:.3f}: {ya} {_sign(ya, yb)} {yb}" for x, ya, yb in pairs]
+        text += (
+            f" {name} at matched helpfulness ({a} vs {b}; < and > only beyond "
+            "the intervals): " + "; ".join(parts) + "."
+        )
     else:
-        text += " Their fronts do not overlap in helpfulness; no matched comparison."
+        spans = [
+            f"{m}'s front spans helpfulness {_span(front[m], HELPFUL)}" for m in (a, b)
+        ]
+        text += f" No matched comparison: {' and '.join(spans)}."
     shift = matched(front[a], front[b], harm, SHIFT, levels=2)
     if shift:
-        parts = [
-            f"{LABELS.get(harm, harm)} {x:.4g}: {ya} vs {yb}" for x, ya, yb in shift
-        ]
-        text += (
-            f" Model shift (KL) at matched {LABELS.get(harm, harm)}: "
-            + "; ".join(parts)
-            + "."
-        )
+        parts = [f"at {x:.4g}: {ya} {_sign(ya, yb)} {yb}" for x, ya, yb in shift]
+        text += f" KL shift at matched {name} ({a} vs {b}): " + "; ".join(parts) + "."
     return text
+
+
+def _sign(a: Interval, b: Interval) -> str:
+    order = better(a, b, False)
+    return "<" if order > 0 else ">" if order < 0 else "≈"
+
+
+def _span(front: list[Setting], key: str) -> str:
+    xs = [s.metrics[key].mean for s in front]
+    return f"{min(xs):.4f}" if min(xs) == max(xs) else f"{min(xs):.4f}-{max(xs):.4f}"
 
 
 def verdict(settings: list[Setting], harm: str, methods: list[str]) -> list[str]:
