@@ -96,10 +96,10 @@ def aggregate(rows: list[dict]) -> tuple[dict, list[Setting], list[Setting]]:
 
     base = next((r["metrics"] for r in rows if r["kind"] == "base"), {})
     base = {k: mean_ci([v]) for k, v in base.items() if _number(v)}
-    cells = group("cell")
-    for s in cells:
+    cells, stage1 = group("cell"), group("stage1")
+    for s in cells + stage1:
         s.flag = flag(s, base)
-    return base, group("stage1"), cells
+    return base, stage1, cells
 
 
 def _number(v) -> bool:
