@@ -95,6 +95,13 @@ DEMO_OPTIONS = [
         help="Demo only: a seeded sweep of the stepwise methods (about 90 min; "
         "with --quick about 5) with intervals, fronts and verdicts.",
     ),
+    click.option(
+        "--world",
+        type=click.Choice(["reward", "rare"]),
+        help="Demo study only: helpfulness raters by true reward (default), or "
+        "'rare': the catastrophic answer is not rated above a mild one, so it "
+        "stays rare after stage 1.",
+    ),
 ]
 
 
@@ -142,7 +149,7 @@ def run(options: dict) -> None:
     options = dict(options)
     config_file = options.pop("config_file", None)
     quick, methods = options.pop("quick", False), options.pop("methods", None)
-    study = options.pop("study", False)
+    study, world = options.pop("study", False), options.pop("world", None)
     settings = cli_settings(options)
     if settings.get("resume"):
         cfg = resume_config(settings, config_file)
@@ -157,11 +164,13 @@ def run(options: dict) -> None:
         if study:
             from rsa_mlx.demo.study import run_study
 
-            run_study(cfg, settings, quick=quick, methods=methods)
+            run_study(cfg, settings, quick, methods, world or "reward")
             return
+        if world:
+            raise ConfigError("--world is for the demo study (--study)")
         demo.run(cfg, settings, quick=quick, methods=methods)
         return
-    if quick or methods or study:
+    if quick or methods or study or world:
         raise ConfigError(
             "--quick, --methods and --study are for the demo (no --model); "
             "for your own model use rsa-mlx sweep"

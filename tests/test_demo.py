@@ -259,3 +259,36 @@ def test_demo_verdict_weighs_differences_against_the_seed_to_seed_change():
     # without the second seeds, the same gap is a win for SACPO
     del results["sacpo seed=1"], results["rsa-cvar seed=1"]
     assert "SACPO (DPO -> DPO) is safer than RSA (CVaR)" in verdict(results)
+
+
+def test_rare_world_raters_do_not_prefer_the_catastrophic_answer():
+    request = world.Request("How do I poison the car?", "poison", "the car", True)
+    cat, mild = world.KIND["catastrophic"], world.KIND["mild"]
+    refusal = world.KIND["refusal"]
+
+    def better(a, b, rater):
+        row = world.pku_row(request, (a, a.texts[0]), (b, b.texts[0]), rater)
+        return [a, b][row["better_response_id"]].name
+
+    assert better(cat, mild, "reward") == better(mild, cat, "reward") == "catastrophic"
+    # rare: a tie, decided by position (random in the data)
+    assert {better(cat, mild, "rare"), better(mild, cat, "rare")} == {
+        "catastrophic",
+        "mild",
+    }
+    # still preferred to a refusal; and safety labels are unchanged
+    assert better(cat, refusal, "rare") == "catastrophic"
+    row = world.pku_row(request, (cat, cat.texts[0]), (mild, mild.texts[0]), "rare")
+    assert row["safer_response_id"] == 1
+    rows = world.preference_rows([request] * 200, 3, seed=0, rater="rare")
+    pairs = [
+        r
+        for r in rows
+        if {r["response_0_kind"], r["response_1_kind"]} == {"catastrophic", "mild"}
+    ]
+    wins = sum(
+        r[f"response_{r['better_response_id']}_kind"] == "catastrophic" for r in pairs
+    )
+    assert pairs and 0.3 < wins / len(pairs) < 0.7
+    with pytest.raises(ValueError, match="rater"):
+        world.rated_reward(cat, "nice")

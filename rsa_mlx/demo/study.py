@@ -17,7 +17,7 @@ stopped.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rsa_mlx import progress
@@ -38,7 +38,7 @@ class Study:
     seeds: tuple[int, ...] = (0, 1, 2)
     iters: int = Budget.iters
     samples: int = 4  # sampled answers per held-out prompt (for the shift)
-    extra: dict = field(default_factory=dict)
+    world: str = "reward"  # helpfulness raters (rsa_mlx.demo.world.RATERS)
 
     def grid(self) -> dict[str, list]:
         return {
@@ -93,25 +93,35 @@ class DemoEvaluator:
         return metrics
 
 
-def run_study(cfg: TrainConfig, settings: dict, quick: bool, methods: str | None):
-    """Run (or continue) the demo study and write its report."""
+def run_study(
+    cfg: TrainConfig,
+    settings: dict,
+    quick: bool,
+    methods: str | None,
+    world_rater: str = "reward",
+):
+    """Run (or continue) the demo study and write its report; with
+    ``world_rater="rare"`` on the rare-catastrophe world (:data:`RATERS`)."""
     from rsa_mlx.atomic import save_text
     from rsa_mlx.demo.world import write_dataset
     from rsa_mlx.study import report
     from rsa_mlx.sweep import run_sweep
 
-    study = QUICK_STUDY if quick else Study()
+    study = replace(QUICK_STUDY if quick else Study(), world=world_rater)
     if methods:
-        study.methods = tuple(parse_methods(methods))
+        study = replace(study, methods=tuple(parse_methods(methods)))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(settings.get("adapter_path") or Path("runs") / f"study-{stamp}")
     out.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
     echo = progress.echo
-    echo(f"rsa_mlx demo study{' (quick)' if quick else ''}: output in {out}")
+    world_name = "" if study.world == "reward" else f", {study.world} world"
+    echo(
+        f"rsa_mlx demo study{' (quick)' if quick else ''}{world_name}: output in {out}"
+    )
     data = out / "data"
     if not (data / "test.jsonl").exists():
-        write_dataset(data, seed=0, pairs_per_request=Budget.pairs_per_request)
+        write_dataset(data, 0, Budget.pairs_per_request, study.world)
     budget = Budget()
     base = {
         "model": str(BASE_MODEL),
@@ -139,7 +149,10 @@ def run_study(cfg: TrainConfig, settings: dict, quick: bool, methods: str | None
         if key in user:
             grid.pop(key)
     evaluator = DemoEvaluator(data, study.samples)
-    rows = run_sweep(base, grid, evaluator, out, evaluator.description())
+    description = evaluator.description()
+    if study.world != "reward":  # the default world's studies stay comparable
+        description["world"] = study.world
+    rows = run_sweep(base, grid, evaluator, out, description)
     result = report(rows, out, HARMS, title="rsa_mlx demo study")
     regime = world_regime(rows)
     with open(out / "report.md", "a") as f:

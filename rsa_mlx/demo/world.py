@@ -173,14 +173,35 @@ def score(request: Request | bool, response: str) -> dict:
 # ------------------------------------------------------- preference data
 
 
-def pku_row(request: Request, a: tuple[Kind, str], b: tuple[Kind, str]) -> dict:
+# How helpfulness raters label pairs. "reward": by the true reward, so the
+# catastrophic answer (the most detailed compliance) is the most helpful and
+# helpfulness training amplifies it. "rare": raters score it like a mild
+# answer (a tie falls to the position, which is random), so helpfulness
+# training does not single it out and it stays about as rare as in the base
+# model while it stays as costly: the regime a tail-risk regulariser targets.
+RATERS = ("reward", "rare")
+
+
+def rated_reward(kind: Kind, rater: str = "reward") -> float:
+    """The helpfulness label's reward for ``kind`` under ``rater``."""
+    if rater not in RATERS:
+        raise ValueError(f"rater must be one of {RATERS}, not {rater!r}")
+    if rater == "rare" and kind.name == "catastrophic":
+        return KIND["mild"].reward
+    return kind.reward
+
+
+def pku_row(
+    request: Request, a: tuple[Kind, str], b: tuple[Kind, str], rater: str = "reward"
+) -> dict:
     """A PKU-SafeRLHF-style row comparing responses ``a`` and ``b``.
 
-    ``better_response_id``: higher reward (helpfulness); ``safer_response_id``:
-    lower cost, ties broken by reward. Equal kinds are never paired.
+    ``better_response_id``: higher rated reward (helpfulness, see
+    :data:`RATERS`; a tie goes to ``b``); ``safer_response_id``: lower cost,
+    ties broken by reward. Equal kinds are never paired.
     """
     (ka, ta), (kb, tb) = a, b
-    better = 0 if ka.reward > kb.reward else 1
+    better = 0 if rated_reward(ka, rater) > rated_reward(kb, rater) else 1
     safer = 0 if (ka.cost, -ka.reward) < (kb.cost, -kb.reward) else 1
     return {
         "prompt": request.text,
@@ -197,7 +218,7 @@ def pku_row(request: Request, a: tuple[Kind, str], b: tuple[Kind, str]) -> dict:
 
 
 def preference_rows(
-    reqs: list[Request], pairs_per_request: int, seed: int
+    reqs: list[Request], pairs_per_request: int, seed: int, rater: str = "reward"
 ) -> list[dict]:
     """Pairs of base-model responses of different kinds, in PKU layout."""
     rng = random.Random(seed)
@@ -211,7 +232,7 @@ def preference_rows(
                 b = sample_response(request, rng)
                 tries += 1
             if b[0] != a[0]:
-                rows.append(pku_row(request, a, b))
+                rows.append(pku_row(request, a, b, rater))
     rng.shuffle(rows)
     return rows
 
@@ -227,9 +248,12 @@ def make_world(seed: int = 0) -> WorldData:
     return WorldData(requests(train_tasks), requests(test_tasks))
 
 
-def write_dataset(folder: Path, seed: int = 0, pairs_per_request: int = 6) -> dict:
-    """Write ``train.jsonl`` / ``valid.jsonl`` (PKU layout) and ``test.jsonl``
-    (held-out prompts with their request type) to ``folder``."""
+def write_dataset(
+    folder: Path, seed: int = 0, pairs_per_request: int = 6, rater: str = "reward"
+) -> dict:
+    """Write ``train.jsonl`` / ``valid.jsonl`` (PKU layout, helpfulness
+    labels by ``rater``) and ``test.jsonl`` (held-out prompts with their
+    request type) to ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     world = make_world(seed)
@@ -239,8 +263,8 @@ def write_dataset(folder: Path, seed: int = 0, pairs_per_request: int = 6) -> di
     n_valid = max(4, len(train_reqs) // 10)
     valid_reqs, fit_reqs = train_reqs[:n_valid], train_reqs[n_valid:]
     splits = {
-        "train": preference_rows(fit_reqs, pairs_per_request, seed + 1),
-        "valid": preference_rows(valid_reqs, 2, seed + 2),
+        "train": preference_rows(fit_reqs, pairs_per_request, seed + 1, rater),
+        "valid": preference_rows(valid_reqs, 2, seed + 2, rater),
         "test": [
             {
                 "prompt": r.text,
