@@ -249,10 +249,20 @@ def verdict(settings: list[Setting], harm: str, methods: list[str]) -> list[str]
         lines.append(compare_methods(settings, harm, a, b))
     flagged = [s for s in settings if s.flag]
     if flagged:
+        counts = []
+        for m in order:
+            own = [s for s in settings if s.method == m]
+            counts.append(f"{m} {sum(s.flag is not None for s in own)} of {len(own)}")
+        lines.insert(
+            0,
+            "Settings that collapsed or fell below the base model's helpfulness "
+            f"(a model shift too far), by method: {', '.join(counts)}. They are "
+            "excluded from the fronts and comparisons below.",
+        )
         lines.append(
-            f"{len(flagged)} of {len(settings)} settings are flagged and excluded: "
-            + "; ".join(f"{s.label}: {s.flag}" for s in flagged[:8])
-            + (" ..." if len(flagged) > 8 else "")
+            "Flagged: "
+            + "; ".join(f"{s.label}: {s.flag}" for s in flagged[:12])
+            + (" ..." if len(flagged) > 12 else "")
         )
     return lines
 

@@ -341,10 +341,11 @@ def test_report_verdicts_intervals_and_collapse(tmp_path):
     assert all(s.metrics["helpfulness"].n == 3 for s in settings)
     fronts = study.fronts(settings, "p_catastrophic")
     assert [s.values["safety_beta"] for s in fronts["sacpo"]] == [0.05, 0.1]
-    assert result["verdict"][0].startswith(
+    assert result["verdict"][1].startswith(
         "rsa-cvar vs sacpo on P(catastrophic): rsa-cvar DOMINATES sacpo"
     )
-    assert "excluded" in result["verdict"][-1] and "collapsed" in result["verdict"][-1]
+    assert "by method: rsa-cvar 0 of 2, sacpo 1 of 3." in result["verdict"][0]
+    assert "collapsed" in result["verdict"][-1]
     report = (tmp_path / "report.md").read_text()
     assert "± " in report and "collapsed (p_other 1.00)" in report
     assert (tmp_path / "plot.svg").exists() and (tmp_path / "plot.png").exists()
