@@ -158,7 +158,10 @@ def run_study(
     with open(out / "report.md", "a") as f:
         f.write("\n## Does the demo world have the paper's regime?\n\n" + regime + "\n")
     seconds = time.perf_counter() - tic
-    save_text(out / "wall_time.txt", f"{seconds:.0f}\n")
+    log = out / "wall_time.txt"  # one line per session: a resumed study adds up
+    done = sum(r["kind"] == "cell" for r in rows)
+    previous = log.read_text() if log.exists() else ""
+    save_text(log, previous + f"{seconds:.0f} s, {done} cells done at the end\n")
     echo("\n" + result["table"])
     echo("\n" + "\n".join(f"- {line}" for line in result["verdict"]))
     echo("\n" + regime)
