@@ -340,6 +340,8 @@ def report(rows: list[dict], out: Path, harms: list[str], title: str = "Sweep") 
                 sorted(methods, key=lambda m: (not m.startswith("rsa"), methods.index(m))), 2)
         ]  # fmt: skip
     charts = [chart(settings, base, h) for h in harms]
+    if any(SHIFT in s.metrics for s in settings):  # the paper's model shift
+        charts.append(chart(settings, base, SHIFT))
     write_figure(out / "plot.svg", charts, columns=min(2, len(charts)))
     base_row = " | ".join(
         f"{LABELS.get(k, k)} {base[k].mean:.4g}" for k in keys if k in base
