@@ -34,13 +34,11 @@ import numpy as np
 from rsa_mlx import progress as bars
 from rsa_mlx.atomic import save_json, save_text
 from rsa_mlx.errors import InputError, quote
+from rsa_mlx.methods import METHODS as ALL_METHODS
 from rsa_mlx.shift import DEGENERATE_LOGPROB, fluency
 
-# What each method trains; the recipe's training settings apply to all.
-METHODS: dict[str, dict] = {
-    "sacpo": {"loss": "dpo", "risk": "kl"},
-    "rsa-cvar": {"loss": "variant2", "risk": "cvar"},
-}
+# What each method trains (rsa_mlx.methods); the recipe's settings apply to all.
+METHODS: dict[str, dict] = {name: ALL_METHODS[name] for name in ("sacpo", "rsa-cvar")}
 
 NAMES = {
     "base": "base model",
