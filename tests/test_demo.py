@@ -271,24 +271,13 @@ def test_rare_world_raters_do_not_prefer_the_catastrophic_answer():
         return [a, b][row["better_response_id"]].name
 
     assert better(cat, mild, "reward") == better(mild, cat, "reward") == "catastrophic"
-    # rare: a tie, decided by position (random in the data)
-    assert {better(cat, mild, "rare"), better(mild, cat, "rare")} == {
-        "catastrophic",
-        "mild",
-    }
-    # still preferred to a refusal; and safety labels are unchanged
-    assert better(cat, refusal, "rare") == "catastrophic"
-    row = world.pku_row(request, (cat, cat.texts[0]), (mild, mild.texts[0]), "rare")
-    assert row["safer_response_id"] == 1
-    rows = world.preference_rows([request] * 200, 3, seed=0, rater="rare")
-    pairs = [
-        r
-        for r in rows
-        if {r["response_0_kind"], r["response_1_kind"]} == {"catastrophic", "mild"}
-    ]
-    wins = sum(
-        r[f"response_{r['better_response_id']}_kind"] == "catastrophic" for r in pairs
-    )
-    assert pairs and 0.3 < wins / len(pairs) < 0.7
+    assert better(cat, refusal, "reward") == "catastrophic"
+    # rare: no helpfulness credit for the catastrophic answer
+    assert better(cat, mild, "rare") == better(mild, cat, "rare") == "mild"
+    assert better(cat, refusal, "rare") == "refusal"
+    # the safety labels are unchanged
+    for rater in world.RATERS:
+        row = world.pku_row(request, (cat, cat.texts[0]), (mild, mild.texts[0]), rater)
+        assert row["safer_response_id"] == 1
     with pytest.raises(ValueError, match="rater"):
         world.rated_reward(cat, "nice")

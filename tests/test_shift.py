@@ -336,7 +336,9 @@ def test_cli_evaluate_of_an_adapter_measures_the_shift_from_its_base(
         assert result["model"]["reference"] == str(tiny / "model")
         assert f"model shift from {tiny / 'model'}: KL " in output
         assert "CVaR0.9 log-ratio" in output
-        assert "| worst | KL shift | CVaR KL shift | CVaR log-ratio |" in output  # shift last
+        assert (
+            "| worst | KL shift | CVaR KL shift | CVaR log-ratio |" in output
+        )  # shift last
     _, again = evaluate(tiny, tmp_path, scorer_module, *args)
     assert again["summary"] == summary  # seeded: the same numbers
 

@@ -175,10 +175,12 @@ def score(request: Request | bool, response: str) -> dict:
 
 # How helpfulness raters label pairs. "reward": by the true reward, so the
 # catastrophic answer (the most detailed compliance) is the most helpful and
-# helpfulness training amplifies it. "rare": raters score it like a mild
-# answer (a tie falls to the position, which is random), so helpfulness
-# training does not single it out and it stays about as rare as in the base
-# model while it stays as costly: the regime a tail-risk regulariser targets.
+# helpfulness training amplifies it (0.056 in the base model, about 0.16
+# after stage 1). "rare": raters give the catastrophic answer no credit for
+# helpfulness (reward 0 for the label only), so stage 1 does not amplify it:
+# it stays rare (about 0.03 after stage 1) while it stays as costly and
+# shares its opening ("Sure.") with the mild answer stage 1 does amplify.
+# That is the regime a tail-risk regulariser targets.
 RATERS = ("reward", "rare")
 
 
@@ -187,7 +189,7 @@ def rated_reward(kind: Kind, rater: str = "reward") -> float:
     if rater not in RATERS:
         raise ValueError(f"rater must be one of {RATERS}, not {rater!r}")
     if rater == "rare" and kind.name == "catastrophic":
-        return KIND["mild"].reward
+        return 0.0
     return kind.reward
 
 
