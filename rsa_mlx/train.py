@@ -99,7 +99,7 @@ DEMO_OPTIONS = [
         "--world",
         type=click.Choice(["reward", "rare"]),
         help="Demo study only: helpfulness raters by true reward (default), or "
-        "'rare': the catastrophic answer is not rated above a mild one, so it "
+        "'rare': the catastrophic answer gets no helpfulness credit, so it "
         "stays rare after stage 1.",
     ),
 ]
