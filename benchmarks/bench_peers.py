@@ -203,11 +203,27 @@ class Worker:
 
 
 def run(
-    systems, shape, workdir: Path, warmup, rounds, per_round, batch_size, base=None
+    systems,
+    shape,
+    workdir: Path,
+    warmup,
+    rounds,
+    per_round,
+    batch_size,
+    base=None,
+    model=None,
+    config=LLAMA,
+    pairs=64,
 ):
-    model = write_model(workdir / "model")
+    """Train ``systems`` side by side; ``model``: an existing model folder
+    (its config's vocabulary sets the token ids), else the random llama of
+    ``config`` written under ``workdir``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if model is None:
+        model = write_model(workdir / "model", config)
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
     data = workdir / f"pairs-{shape}.json"
-    pairs = make_pairs(shape, LLAMA["vocab_size"])
+    pairs = make_pairs(shape, vocab, pairs)
     data.write_text(json.dumps({"pairs": pairs}))
     workers = []
     try:
@@ -285,6 +301,14 @@ def main():
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps-per-round", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="an existing llama folder (e.g. SmolLM2-135M) instead of the random "
+        "40M llama; TRL needs the bench's word-level tokenizer, so leave it out",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
     parser.add_argument(
         "--baseline",
@@ -303,6 +327,8 @@ def main():
         args.steps_per_round,
         args.batch_size,
         args.baseline,
+        args.model,
+        pairs=args.pairs,
     )
     print(table(result))
     if args.out:
