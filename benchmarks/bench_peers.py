@@ -266,24 +266,29 @@ def run(
 
 
 def table(result: dict, base: str = "rsa-dpo") -> str:
+    """Markdown: median, mean and fastest step of each system, and ratios
+    to ``base`` (the fastest step is the least disturbed by other load)."""
     times = result["times"]
-    med = {k: statistics.median(v) for k, v in times.items()}
-    mean = {k: statistics.fmean(v) for k, v in times.items()}
-    b_med, b_mean = med.get(base), mean.get(base)
+    stats = {
+        k: (statistics.median(v), statistics.fmean(v), min(v)) for k, v in times.items()
+    }
+    ref = stats.get(base)
     lines = [
         f"{result['shape']}: {result['pairs']} pairs, {result['tokens']} tokens "
         f"({result['response_tokens']} in responses); {result['rounds']} rounds x "
         f"{result['steps_per_round']} steps after {result['warmup']} warm-up",
-        "| system | median s/step | x rsa-dpo | mean s/step | x rsa-dpo | "
-        "MLX peak GB | peak RSS GB | first loss |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| system | median s/step | x {base} | mean | x {base} | fastest | x {base} "
+        "| MLX peak GB | peak RSS GB | first loss |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in times:
         peak = result["peak_gb"].get(name)
+        cells = []
+        for i in range(3):
+            ratio = stats[name][i] / ref[i] if ref else float("nan")
+            cells += [f"{stats[name][i]:.2f}", f"{ratio:.2f}"]
         lines.append(
-            f"| {name} | {med[name]:.3f} | "
-            f"{med[name] / b_med if b_med else float('nan'):.2f} | {mean[name]:.3f} | "
-            f"{mean[name] / b_mean if b_mean else float('nan'):.2f} | "
+            f"| {name} | {' | '.join(cells)} | "
             f"{'-' if peak is None else f'{peak:.2f}'} | "
             f"{result['rss_peak_gb'][name]:.2f} | {result['first_loss'][name]:.6f} |"
         )
@@ -293,6 +298,9 @@ def table(result: dict, base: str = "rsa-dpo") -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=["fixed", "mix"], default="fixed")
+    parser.add_argument(
+        "--table", type=Path, default=None, help="only print the table of a JSON result"
+    )
     parser.add_argument(
         "--systems", nargs="+", default=DEFAULT_SYSTEMS, choices=SYSTEMS
     )
@@ -318,6 +326,9 @@ def main():
         "(e.g. git worktree add /tmp/base main)",
     )
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
     result = run(
         args.systems,
         args.shape,
