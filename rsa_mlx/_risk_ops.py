@@ -47,23 +47,27 @@ def _logsumexp(x: mx.array, block: int) -> mx.array:
     return m + mx.log(_bsum(mx.exp(x - m), block))
 
 
-def _log_softmax(x: mx.array, block: int) -> tuple[mx.array, mx.array]:
-    """``log softmax(x)`` as ``(x - max) - log1p(sum' exp(x - max))``, and the shift.
+def _log_softmax(x: mx.array, block: int) -> tuple[mx.array, mx.array, mx.array]:
+    """``log softmax(x)`` as ``(x - max) - log1p(sum' exp(x - max))``, the
+    shift, and ``exp(x - max)``.
 
     Keeping the max apart makes each entry's rounding error proportional to
     its own |log-probability|, instead of adding the rounding of the full
     logsumexp to every entry. ``sum'`` leaves out one maximal entry (its
     term is exactly 1), so a confident row (top probability 1 - 1e-6) keeps
     its top log-probability to float32 precision; ``log(1 + 1e-6)`` would
-    lose a few percent of it.
+    lose a few percent of it. ``exp(x - max)`` is returned so that the
+    caller gets the probabilities without a second ``exp`` over the row
+    (an ``exp`` is the costliest pass on the CPU, ~14 ns per entry).
     """
     m = x.max(-1, keepdims=True)
     shifted = x - m
+    e = mx.exp(shifted)
     # Masks multiply rather than mx.where: 4x cheaper on the CPU.
-    rest = _bsum(mx.exp(shifted) * (shifted < 0), block)
+    rest = _bsum(e * (shifted < 0), block)
     rest = rest + (_bsum((shifted == 0).astype(mx.float32), block) - 1.0)
     log_s = mx.log1p(rest)
-    return shifted - log_s, mx.concatenate([m, log_s], axis=-1)
+    return shifted - log_s, mx.concatenate([m, log_s], axis=-1), e
 
 
 def _apply_norm(x: mx.array, norm: mx.array) -> mx.array:
@@ -134,9 +138,10 @@ def _forward_rows(a, b, y, plan: _Plan):
     """Per-row (logratio, kl, risk, norm_a, norm_b, *aux) for one chunk."""
     blk = plan.block
     a, b = mx.clip(a, -_BIG, _BIG), mx.clip(b, -_BIG, _BIG)
-    lq, norm_a = _log_softmax(a, blk)
-    lp, norm_b = _log_softmax(b, blk)
-    p = mx.exp(lp)
+    lq, norm_a, _ = _log_softmax(a, blk)
+    lp, norm_b, e_b = _log_softmax(b, blk)
+    # p = exp(lp) = exp(b - max) / sum: the row's exp is already there.
+    p = e_b * mx.exp(-norm_b[:, 1:])
     # Rounding error eps * (|log p| + |log q|): small where p is large.
     z = lp - lq
     kl = _bsum(p * z, blk)

@@ -45,7 +45,15 @@ class Objective:
 
 def pair_loss(logits, ref_logits, targets, segments, mask, num_sequences, objective):
     """Mean preference loss and metrics of a ``[chosen; rejected]`` batch
-    whose scored positions are packed (see :class:`rsa_mlx.data.Batch`)."""
+    whose scored positions are packed (see :class:`rsa_mlx.data.Batch`).
+
+    DPO's loss has no risk term, so its step does not spend vocabulary
+    passes on one: it reports ``risk/*`` as the sequential KL (the
+    regulariser DPO's reference term stands for), whatever ``risk`` says.
+    A tail measure only a metric would show costs as much as RSA's risk
+    (CVaR's exact threshold alone is 32 passes over the vocabulary).
+    """
+    dpo = objective.loss == "dpo"
     stats = segment_stats(
         logits,
         ref_logits,
@@ -53,10 +61,10 @@ def pair_loss(logits, ref_logits, targets, segments, mask, num_sequences, object
         segments,
         mask,
         num_sequences,
-        objective.risk,
-        objective.mu,
+        "kl" if dpo else objective.risk,
+        None if dpo else objective.mu,
         objective.length_normalize,
-        risk_grad=objective.loss != "dpo",  # DPO only monitors the risk
+        risk_grad=not dpo,  # DPO's gradient is the log-ratio's alone
     )
     chosen, rejected = split_pairs(stats)
     return preference_loss(
