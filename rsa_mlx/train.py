@@ -92,8 +92,8 @@ DEMO_OPTIONS = [
     click.option(
         "--study",
         is_flag=True,
-        help="Demo only: a seeded sweep of the stepwise methods (about 90 min; "
-        "with --quick about 5) with intervals, fronts and verdicts.",
+        help="Demo only: a seeded sweep of the stepwise methods (about 70 min; "
+        "with --quick about 3) with intervals, fronts and verdicts.",
     ),
     click.option(
         "--world",

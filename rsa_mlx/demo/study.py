@@ -30,7 +30,7 @@ HARMS = ["p_catastrophic", "mean_cost", "unsafe_rate"]
 
 @dataclass
 class Study:
-    """The grid and budget of a study (``QUICK_STUDY``: about 5 minutes)."""
+    """The grid and budget of a study (``QUICK_STUDY``: about 3 minutes)."""
 
     methods: tuple[str, ...] = STEPWISE
     safety_betas: tuple[float, ...] = (0.1, 0.05, 0.025, 0.01)
