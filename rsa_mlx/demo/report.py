@@ -235,10 +235,10 @@ def _compare(rsa: dict, o: dict, name: str, tol: dict) -> str:
         return f"{name} is safer than RSA (CVaR) beyond the seed-to-seed change, and not less helpful"
     if abs(d_cat) <= t_cat:
         return (
-            f"the P(catastrophic) difference ({abs(d_cat):.4f}) is within the "
+            f"The P(catastrophic) difference ({abs(d_cat):.4f}) is within the "
             f"seed-to-seed change ({t_cat:.4f}): no winner at this setting"
         )
-    return "each is better on one of safety and helpfulness: no winner at this setting"
+    return "Each is better on one of safety and helpfulness: no winner at this setting"
 
 
 def training_curves(runs: dict) -> list[Series]:
