@@ -9,10 +9,18 @@ exporter.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
 
 from rsa_mlx import adapters
-from rsa_mlx.errors import InputError, quote
+from rsa_mlx.atomic import save_json, save_text
+from rsa_mlx.errors import InputError, TrainingError, quote
+
+if TYPE_CHECKING:
+    from rsa_mlx.config import TrainConfig
 
 RUN_FILE = "run.json"
 
@@ -53,3 +61,37 @@ def check_merge(merge: float | None) -> None:
     """The merge ratio q must lie in [0, 1] (None: the run's own)."""
     if merge is not None and not 0.0 <= merge <= 1.0:
         raise InputError(f"--merge is a ratio q in [0, 1], not {merge:g}")
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run trained to its end (``final`` written)."""
+    return (Path(run_dir) / RUN_FILE).exists() and "final" in read_run(run_dir)
+
+
+def write_config(run_dir: Path, cfg: TrainConfig) -> None:
+    """The run's settings as ``config.yaml``, the base of ``--resume``."""
+    settings = yaml.safe_dump({**cfg.to_dict(), "resume": False}, sort_keys=False)
+    save_text(Path(run_dir) / "config.yaml", settings)
+
+
+def start_from(cfg: TrainConfig, run_dir: Path, source: Path) -> None:
+    """Make ``run_dir`` a run of ``cfg`` whose first stage is the finished
+    first stage of the run in ``source``, trained with the same first-stage
+    settings (the caller's promise: see :func:`rsa_mlx.sweep.stage1_key`).
+    ``train`` with ``resume`` then trains only the later stage. The adapter
+    files are copied, so the stage is reused bit for bit; the folder appears
+    whole or not at all."""
+    cfg = cfg.with_resolved_paths()
+    first = cfg.stage_names[0]
+    done = {s["name"]: s for s in read_run(source)["stages"]}
+    if first not in done:
+        raise TrainingError(f"{quote(source)}: its {first} stage is not finished")
+    tmp = run_dir.with_name(run_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / first).mkdir(parents=True)
+    for name in (adapters.CONFIG_FILE, adapters.ADAPTER_FILE):
+        shutil.copy2(Path(source) / first / name, tmp / first / name)
+    write_config(tmp, cfg)
+    run = {"model": cfg.model, "method": cfg.method_name(), "merge": cfg.merge}
+    save_json(tmp / RUN_FILE, {**run, "world_size": 1, "stages": [done[first]]})
+    tmp.rename(run_dir)

@@ -12,7 +12,7 @@ once:
 * stage 1 does not depend on the stage-2 settings (the safety temperature
   and data, the merge ratio): it is trained once per distinct first-stage
   setting (:func:`stage1_key`) and copied, bit for bit, into every cell's
-  run folder (:func:`rsa_mlx.trainer.start_from`);
+  run folder (:func:`rsa_mlx.runs.start_from`);
 * the merge ratio q only scales the last stage's update, so cells that
   differ only in q share one trained run and are evaluated with ``merge=q``.
 
@@ -42,7 +42,7 @@ from rsa_mlx.config import FIELDS, RESULT_FREE, TrainConfig, resolve
 from rsa_mlx.errors import ConfigError, quote
 from rsa_mlx.loop import Interrupted
 from rsa_mlx.methods import method_settings
-from rsa_mlx.runs import RUN_FILE
+from rsa_mlx.runs import RUN_FILE, finished, start_from
 
 RESULTS = "results.jsonl"
 SPEC_FILE = "sweep.json"
@@ -235,15 +235,9 @@ def _cell(value):
     return json.dumps(value) if isinstance(value, (dict, list)) else value
 
 
-def _finished(run_dir: Path) -> bool:
-    if not (run_dir / RUN_FILE).exists():
-        return False
-    return "final" in json.loads((run_dir / RUN_FILE).read_text())
-
-
 def _train(cfg: TrainConfig, run_dir: Path, train_fn) -> None:
     """Train ``cfg`` in ``run_dir``, or resume it there after a kill."""
-    if not _finished(run_dir):
+    if not finished(run_dir):
         resume = (run_dir / RUN_FILE).exists() and (run_dir / "config.yaml").exists()
         train_fn(replace(cfg, adapter_path=str(run_dir), resume=resume))
 
@@ -251,12 +245,10 @@ def _train(cfg: TrainConfig, run_dir: Path, train_fn) -> None:
 def ensure_trained(sweep: Sweep, cell: Cell, train_fn) -> Path:
     """The cell's trained run folder (training what is missing)."""
     run_dir = sweep.run_dir(cell)
-    if _finished(run_dir):
+    if finished(run_dir):
         return run_dir
     cfg = replace(cell.config, merge=1.0)  # q is applied at evaluation
     if cell.stage1_key is not None and not (run_dir / RUN_FILE).exists():
-        from rsa_mlx.trainer import start_from
-
         source = sweep.stage1_dir(cell)
         first = replace(cfg, stages=cfg.stage_names[0])
         _train(first, source, train_fn)

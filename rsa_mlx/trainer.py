@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +20,12 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import yaml
 from mlx.utils import tree_flatten
 
 from rsa_mlx import adapters
 from rsa_mlx import distributed as dist
 from rsa_mlx import progress as bars
-from rsa_mlx.atomic import save_json, save_text
+from rsa_mlx.atomic import save_json
 from rsa_mlx.checkpoint import (
     Progress,
     TrainingError,
@@ -51,6 +49,7 @@ from rsa_mlx.loop import (
 from rsa_mlx.losses import METRIC_KEYS
 from rsa_mlx.model import RUN_FILE, ResponseLogits, load
 from rsa_mlx.risk import resolve_mu
+from rsa_mlx.runs import write_config
 from rsa_mlx.step import Objective, make_eval, make_step
 
 __all__ = ["Interrupted", "Reporter", "TrainingError", "train", "train_stage"]
@@ -335,35 +334,6 @@ def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> dict:
     return {s["name"]: s for s in run.get("stages", [])}
 
 
-def _write_config(run_dir: Path, cfg: TrainConfig) -> None:
-    settings = yaml.safe_dump({**cfg.to_dict(), "resume": False}, sort_keys=False)
-    save_text(run_dir / "config.yaml", settings)
-
-
-def start_from(cfg: TrainConfig, run_dir: Path, source: Path) -> None:
-    """Make ``run_dir`` a run of ``cfg`` whose first stage is the finished
-    first stage of the run in ``source``, trained with the same first-stage
-    settings (the caller's promise: see :func:`rsa_mlx.sweep.stage1_key`).
-    ``train`` with ``resume`` then trains only the later stage. The adapter
-    files are copied, so the stage is reused bit for bit; the folder appears
-    whole or not at all."""
-    cfg = cfg.with_resolved_paths()
-    first = cfg.stage_names[0]
-    with open(Path(source) / RUN_FILE) as f:
-        done = {s["name"]: s for s in json.load(f)["stages"]}
-    if first not in done:
-        raise TrainingError(f"{quote(source)}: its {first} stage is not finished")
-    tmp = run_dir.with_name(run_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / first).mkdir(parents=True)
-    for name in (adapters.CONFIG_FILE, adapters.ADAPTER_FILE):
-        shutil.copy2(Path(source) / first / name, tmp / first / name)
-    _write_config(tmp, cfg)
-    run = {"model": cfg.model, "method": cfg.method_name(), "merge": cfg.merge}
-    save_json(tmp / RUN_FILE, {**run, "world_size": 1, "stages": [done[first]]})
-    tmp.rename(run_dir)
-
-
 def train(
     cfg: TrainConfig, reporter: Reporter | None = None, model=None, tokenizer=None
 ) -> dict:
@@ -392,7 +362,7 @@ def train(
         reporter = SilentReporter()
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_config(run_dir, cfg)
+        write_config(run_dir, cfg)
     if reporter is None:
         from mlx_lm.tuner.callbacks import get_reporting_callbacks
 
