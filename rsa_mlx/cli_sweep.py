@@ -38,25 +38,12 @@ DEFAULT_HARMS = ("unsafe_rate", "cvar_0.99", "mean_cost")
 def _spec(config_file: str | None) -> dict:
     if config_file is None:
         return {}
-    import yaml
+    from rsa_mlx.config import read_yaml
 
-    from rsa_mlx.config import _Loader
-
-    path = Path(config_file)
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), _Loader) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{str(path)!r}: no such sweep file") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(
-            f"{path}{f':{mark.line + 1}' if mark else ''}: malformed YAML"
-        ) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{str(path)!r}: expected a mapping")
+    data = read_yaml(config_file, "sweep file")
     for key in ("grid", "evaluate"):
         if not isinstance(data.get(key, {}), dict):
-            raise ConfigError(f"{path}: {key!r} must be a mapping")
+            raise ConfigError(f"{config_file}: {key!r} must be a mapping")
     return data
 
 

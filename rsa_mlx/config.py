@@ -335,14 +335,16 @@ _Loader.add_implicit_resolver(
 )
 
 
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML config; unknown keys are errors (not silently ignored)."""
+def read_yaml(path: str | Path, what: str = "config file") -> dict:
+    """A YAML mapping read with every float spelling as a float; one-line
+    errors naming the file (and line) for a missing, non-UTF-8, malformed or
+    non-mapping file."""
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, _Loader) or {}
     except FileNotFoundError:
-        raise ConfigError(f"{str(path)!r}: no such config file") from None
+        raise ConfigError(f"{str(path)!r}: no such {what}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{str(path)!r}: not UTF-8 text") from None
     except yaml.YAMLError as e:
@@ -354,9 +356,20 @@ def load_yaml(path: str | Path) -> dict:
         ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{str(path)!r}: expected a mapping of settings")
+    return data
+
+
+def yaml_value(text: str):
+    """One YAML scalar as the config reads it (``3e-5`` is a float)."""
+    return yaml.load(text, _Loader)
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML config; unknown keys are errors (not silently ignored)."""
+    data = read_yaml(path)
     for key in data:
         if key not in FIELDS:
-            raise ConfigError(f"{str(path)!r}: unknown setting {key!r}")
+            raise ConfigError(f"{str(Path(path))!r}: unknown setting {key!r}")
     return data
 
 

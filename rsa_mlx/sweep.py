@@ -57,9 +57,7 @@ _SECOND_ONLY = {
 def parse_grid(items: list[str] | tuple[str, ...]) -> dict[str, list]:
     """``["safety_beta=0.1,0.05", "seed=0,1"]`` -> ``{key: [values]}``, each
     value typed as its setting (YAML scalars: ``3e-5``, ``true``)."""
-    import yaml
-
-    from rsa_mlx.config import _Loader
+    from rsa_mlx.config import yaml_value
 
     grid: dict[str, list] = {}
     for item in items:
@@ -67,7 +65,7 @@ def parse_grid(items: list[str] | tuple[str, ...]) -> dict[str, list]:
         key = key.strip().replace("-", "_")
         if not sep or not values.strip():
             raise ConfigError(f"--grid {item!r}: expected KEY=V1,V2,...")
-        grid[key] = [yaml.load(v.strip(), _Loader) for v in values.split(",")]
+        grid[key] = [yaml_value(v.strip()) for v in values.split(",")]
     return grid
 
 
