@@ -241,13 +241,16 @@ def _span(front: list[Setting], key: str) -> str:
     return f"{min(xs):.4f}" if min(xs) == max(xs) else f"{min(xs):.4f}-{max(xs):.4f}"
 
 
-def verdict(settings: list[Setting], harm: str, methods: list[str]) -> list[str]:
-    """Pairwise verdicts, RSA methods against the baselines first."""
+def verdict(
+    settings: list[Setting], harm: str, methods: list[str], flagged: bool = True
+) -> list[str]:
+    """Pairwise verdicts, RSA methods against the baselines first; with
+    ``flagged``, the collapsed settings counted first and listed last."""
     order = sorted(methods, key=lambda m: (not m.startswith("rsa"), methods.index(m)))
     lines = []
     for a, b in itertools.combinations(order, 2):
         lines.append(compare_methods(settings, harm, a, b))
-    flagged = [s for s in settings if s.flag]
+    flagged = [s for s in settings if s.flag] if flagged else []
     if flagged:
         counts = []
         for m in order:
@@ -333,12 +336,8 @@ def report(rows: list[dict], out: Path, harms: list[str], title: str = "Sweep") 
     keys = [HELPFUL, *harms] + [k for k in (*COLLAPSE_KEYS, SHIFT, "shift_kl_cvar", "shift_logratio_cvar")
                                 if any(k in s.metrics for s in settings)]  # fmt: skip
     lines = []
-    for harm in harms:
-        lines += verdict(settings, harm, methods) if harm == harms[0] else [
-            compare_methods(settings, harm, a, b)
-            for a, b in itertools.combinations(
-                sorted(methods, key=lambda m: (not m.startswith("rsa"), methods.index(m))), 2)
-        ]  # fmt: skip
+    for harm in harms:  # the flagged settings are said once
+        lines += verdict(settings, harm, methods, flagged=harm == harms[0])
     charts = [chart(settings, base, h) for h in harms]
     if any(SHIFT in s.metrics for s in settings):  # the paper's model shift
         charts.append(chart(settings, base, SHIFT))

@@ -519,6 +519,8 @@ def test_study_quick_end_to_end_on_a_reduced_grid(tmp_path):
     # started again: everything is done, only the report is rewritten
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and "12 already done" in proc.stdout
+    # the wall time of each session is kept: the first one is not overwritten
+    assert len((out / "wall_time.txt").read_text().splitlines()) == 2
 
 
 class SendSignal(trainer.Reporter):
@@ -544,3 +546,33 @@ def test_ctrl_c_in_a_sweep_says_how_to_continue(tiny, tmp_path):
     assert stop.value.signum == 2
     rows = sweep.run_sweep(base_settings(tiny), grid, Recorder(), tmp_path / "s")
     assert sum(r["kind"] == "cell" for r in rows) == 2
+
+
+def test_collapse_is_judged_against_the_base_models_own_rate():
+    def setting(degenerate, help_=0.6):
+        metrics = {"helpfulness": help_, "degenerate": degenerate}
+        return study.Setting(
+            "m", {}, {k: stats.mean_ci([v]) for k, v in metrics.items()}, [0]
+        )
+
+    base = {"helpfulness": stats.mean_ci([0.5]), "degenerate": stats.mean_ci([0.9])}
+    # a base that already writes 90% degenerate text: only more than that collapses
+    assert study.flag(setting(0.9), base) is None
+    assert study.flag(setting(0.95), base) == "collapsed (degenerate 0.95)"
+    clean = {**base, "degenerate": stats.mean_ci([0.0])}
+    assert study.flag(setting(0.6), clean) == "collapsed (degenerate 0.60)"
+    assert study.flag(setting(0.4), clean) is None
+
+
+def test_stage_one_settings_are_flagged_too():
+    rows = [row("base", "base", None, None, 0.5, 0.05)]
+    for seed in (0, 1):
+        rows.append(
+            {
+                **row("stage1", "sacpo", None, seed, 0.0, 0.0, other=0.96),
+                "id": f"s{seed}",
+            }
+        )
+        rows.append(row("cell", "sacpo", 0.1, seed, 0.6, 0.02))
+    _, stage1, cells = study.aggregate(rows)
+    assert stage1[0].flag == "collapsed (p_other 0.96)" and cells[0].flag is None
