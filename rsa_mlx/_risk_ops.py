@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
+from rsa_mlx._fastmath import exp as _exp
+
 _BIG = 1e30
 _INT_MIN = -(2**31)
 _ERM_EXPM1_MAX = 80.0  # expm1(80) * 1 < float32 max, so no overflow below it
@@ -44,7 +46,7 @@ def _bsum(x: mx.array, block: int) -> mx.array:
 
 def _logsumexp(x: mx.array, block: int) -> mx.array:
     m = x.max(-1, keepdims=True)
-    return m + mx.log(_bsum(mx.exp(x - m), block))
+    return m + mx.log(_bsum(_exp(x - m), block))
 
 
 def _log_softmax(x: mx.array, block: int) -> tuple[mx.array, mx.array, mx.array]:
@@ -62,7 +64,7 @@ def _log_softmax(x: mx.array, block: int) -> tuple[mx.array, mx.array, mx.array]
     """
     m = x.max(-1, keepdims=True)
     shifted = x - m
-    e = mx.exp(shifted)
+    e = _exp(shifted)
     # Masks multiply rather than mx.where: 4x cheaper on the CPU.
     rest = _bsum(e * (shifted < 0), block)
     rest = rest + (_bsum((shifted == 0).astype(mx.float32), block) - 1.0)
@@ -200,21 +202,21 @@ def _backward_rows(a, b, y, norm_a, norm_b, aux, g_lr, g_risk, plan: _Plan):
     """d(sum g_lr * logratio + g_risk * risk) / d policy logits for one chunk."""
     a, b = mx.clip(a, -_BIG, _BIG), mx.clip(b, -_BIG, _BIG)
     lq, lp = _apply_norm(a, norm_a), _apply_norm(b, norm_b)
-    q = mx.exp(lq)
+    q = _exp(lq)
     g_lr, g_risk = g_lr[:, None], g_risk[:, None]
     onehot = mx.arange(a.shape[-1], dtype=y.dtype) == y[:, None]
     if not plan.risk_grad:  # the log-ratio alone: d log q(y) = onehot - q
         return (onehot - q) * g_lr
     total = 1.0  # sum(w): 1 except for truncated
     if plan.measure == "kl":
-        w = mx.exp(lp)
+        w = _exp(lp)
     elif plan.measure == "cvar":
-        w = _cvar_weights(lp - lq, mx.exp(lp), *aux)
+        w = _cvar_weights(lp - lq, _exp(lp), *aux)
     elif plan.measure == "erm":
-        w = mx.exp(lp + plan.mu * (lp - lq) - aux[0])
+        w = _exp(lp + plan.mu * (lp - lq) - aux[0])
     else:  # truncated: sum(w) != 1
         q_thr, total = aux
-        w = mx.exp(lp) * ((lp - lq) > q_thr)
+        w = _exp(lp) * ((lp - lq) > q_thr)
     coef_q = g_risk * total - g_lr
     return coef_q * q - g_risk * w + onehot * g_lr
 

@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from rsa_mlx import adapters, hf
+from rsa_mlx._fastmath import cpu_kernels
 from rsa_mlx.errors import InputError
 
 # Run-folder resolution lives in rsa_mlx.runs; re-exported here for the
@@ -79,11 +80,13 @@ class ResponseLogits:
         return gap <= 1e-4 * (1.0 + mx.abs(full).max().item())
 
     def __call__(self, tokens: mx.array, index: mx.array) -> mx.array:
-        if self.split:
-            hidden = self.model.model(tokens)
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-            return self.head(mx.take(hidden, index, axis=0))
-        logits = self.model(tokens)
+        # On the CPU, attention and SiLU use rsa_mlx._fastmath's exp.
+        with cpu_kernels():
+            if self.split:
+                hidden = self.model.model(tokens)
+                hidden = hidden.reshape(-1, hidden.shape[-1])
+                return self.head(mx.take(hidden, index, axis=0))
+            logits = self.model(tokens)
         return mx.take(logits.reshape(-1, logits.shape[-1]), index, axis=0)
 
 

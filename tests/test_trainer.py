@@ -200,7 +200,8 @@ def test_head_fallback_for_models_with_extra_output_processing(tiny):
     tokens = mx.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
     index = mx.array([1, 3, 7])  # row 0 at 1 and 3, row 1 at 2
     want = np.array(model(tokens)).reshape(10, -1)[[1, 3, 7]]
-    assert np.allclose(np.array(capped(tokens, index)), want)
+    # Float32 rounding apart: the step's attention and SiLU use rsa_mlx's exp.
+    assert np.allclose(np.array(capped(tokens, index)), want, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------- the loop
