@@ -60,7 +60,8 @@ def _log_softmax(x: mx.array, block: int) -> tuple[mx.array, mx.array, mx.array]
     its top log-probability to float32 precision; ``log(1 + 1e-6)`` would
     lose a few percent of it. ``exp(x - max)`` is returned so that the
     caller gets the probabilities without a second ``exp`` over the row
-    (an ``exp`` is the costliest pass on the CPU, ~14 ns per entry).
+    (an ``exp`` is the costliest pass: ~2.4 ns per entry with the CPU
+    polynomial of :mod:`rsa_mlx._fastmath`, ~12 ns with MLX's own).
     """
     m = x.max(-1, keepdims=True)
     shifted = x - m
