@@ -113,11 +113,14 @@ def attention(q, k, v, *, scale, mask=None):
     rep = H // Hkv
     q = (q * mx.array(scale, q.dtype)).reshape(B, Hkv, rep, Tq, D)
     scores = q @ mx.expand_dims(k, 2).swapaxes(-1, -2)  # [B, Hkv, rep, Tq, Tk]
+    # Masked scores get the lowest finite value, as in MLX: a query with no
+    # key left averages them all instead of giving NaN.
+    low = mx.array(mx.finfo(scores.dtype).min, scores.dtype)
     if isinstance(mask, str):
         if mask != "causal":
             raise ValueError(f"unsupported attention mask {mask!r}")
         keep = mx.arange(Tq)[:, None] + (Tk - Tq) >= mx.arange(Tk)[None]
-        scores = mx.where(keep, scores, mx.array(-mx.inf, scores.dtype))
+        scores = mx.where(keep, scores, low)
     elif mask is not None:
         if mask.ndim >= 3:  # [..., H or 1, Tq, Tk] -> grouped heads
             lead, (heads, mq, mk) = mask.shape[:-3], mask.shape[-3:]
@@ -126,11 +129,32 @@ def attention(q, k, v, *, scale, mask=None):
             else:
                 mask = mx.expand_dims(mask, -3)
         if mask.dtype == mx.bool_:
-            scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
+            scores = mx.where(mask, scores, low)
         else:
             scores = scores + mask.astype(scores.dtype)
     out = softmax(scores).astype(v.dtype) @ mx.expand_dims(v, 2)
     return out.reshape(B, H, Tq, -1)
+
+
+_probe_traces = [0]
+
+
+@mx.compile
+def _probe(x):
+    _probe_traces[0] += 1
+    return x
+
+
+def _compiling() -> bool:
+    """Whether ``mx.compile`` functions use cached traces right now: false
+    when compile is off (``mx.disable_compile``, ``MLX_DISABLE_COMPILE``,
+    an enclosing :func:`cpu_kernels`) and while an outer function is being
+    traced (which inlines them)."""
+    x = mx.array(0)
+    _probe(x)
+    before = _probe_traces[0]
+    _probe(x)
+    return _probe_traces[0] == before
 
 
 @contextmanager
@@ -141,9 +165,11 @@ def cpu_kernels():
     sinks, non-float inputs) go to MLX's own. No-op on a GPU.
 
     mlx-lm's ``swiglu`` and mlx's ``silu`` are ``mx.compile`` functions,
-    whose cached traces would keep whichever sigmoid they first saw; with
-    compilation off inside the block they run as Python, so the compiled
-    step (which inlines them anyway) and an eager one compute the same.
+    whose cached traces would keep whichever sigmoid they first saw; where
+    compiled functions would use such traces (an eager call), compile is
+    off inside the block, so they run as Python and a compiled step (which
+    inlines them anyway) and an eager one compute the same. Compile is
+    switched back on only if this block switched it off.
     """
     if not _on_cpu():
         yield
@@ -152,7 +178,12 @@ def cpu_kernels():
     own_sdpa = mx.fast.scaled_dot_product_attention
 
     def patched_sigmoid(x, *args, **kwargs):
-        if args or kwargs or not mx.issubdtype(x.dtype, mx.floating):
+        if (
+            args
+            or kwargs
+            or not isinstance(x, mx.array)
+            or not mx.issubdtype(x.dtype, mx.floating)
+        ):
             return own_sigmoid(x, *args, **kwargs)
         return sigmoid(x)
 
@@ -161,19 +192,15 @@ def cpu_kernels():
             return own_sdpa(q, k, v, scale=scale, mask=mask, sinks=sinks, stream=stream)
         return attention(q, k, v, scale=scale, mask=mask)
 
+    switch = _compiling()
     mx.sigmoid = patched_sigmoid
     mx.fast.scaled_dot_product_attention = patched_sdpa
-    compiling = not _compile_disabled_by_user()
-    if compiling:
+    if switch:
         mx.disable_compile()
     try:
         yield
     finally:
         mx.sigmoid = own_sigmoid
         mx.fast.scaled_dot_product_attention = own_sdpa
-        if compiling:
+        if switch:
             mx.enable_compile()
-
-
-def _compile_disabled_by_user() -> bool:
-    return os.environ.get("MLX_DISABLE_COMPILE", "").lower() in {"1", "true", "on"}

@@ -190,3 +190,48 @@ def test_response_logits_match_the_model_with_cpu_kernels():
     full = model(tokens).reshape(3 * 12, -1)
     got = ResponseLogits(model)(tokens, index)
     np.testing.assert_allclose(np.array(got), np.array(full), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_rows_with_no_key_match_mlx():
+    # A query row with every key masked averages the values (MLX fills with
+    # the lowest finite score), it does not give NaN.
+    q = mx.ones((1, 1, 4, 1))
+    k = mx.zeros((1, 1, 2, 1))
+    v = mx.arange(2).reshape(1, 1, 2, 1).astype(mx.float32)
+    keep = mx.array([[False, False], [True, True], [True, False], [True, True]])
+    for mask in ("causal", keep):  # causal with Tq > Tk masks rows 0 and 1
+        own = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        got = fm.attention(q, k, v, scale=1.0, mask=mask)
+        np.testing.assert_allclose(np.array(got), np.array(own), atol=1e-6)
+
+
+def _traces(counter):
+    @mx.compile
+    def f(x):
+        counter[0] += 1
+        return x * 2
+
+    counter[0] = 0
+    for _ in range(3):
+        mx.eval(f(mx.ones(2)))
+    return counter[0]
+
+
+def test_cpu_kernels_leave_the_compile_state_as_they_found_it(monkeypatch):
+    monkeypatch.setattr(fm, "_on_cpu", lambda: True)
+    counter = [0]
+    try:
+        assert _traces(counter) == 1  # compile on: one trace
+        with fm.cpu_kernels():
+            assert _traces(counter) == 3  # off inside the block
+            with fm.cpu_kernels():
+                pass
+            assert _traces(counter) == 3  # a nested block does not switch it on
+            assert mx.sigmoid(0.5) is not None  # a Python scalar goes to MLX
+        assert _traces(counter) == 1
+        mx.disable_compile()  # the user's choice survives the block
+        with fm.cpu_kernels():
+            pass
+        assert _traces(counter) == 3
+    finally:
+        mx.enable_compile()
