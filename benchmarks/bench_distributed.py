@@ -42,10 +42,10 @@ def worker(args) -> None:
     from mlx.utils import tree_map
     from mlx_lm.models import llama
 
-    from rsa_mlx import adapters
-    from rsa_mlx import distributed as dist
-    from rsa_mlx.data import BatchSampler, Encoded
-    from rsa_mlx.step import Objective, make_step
+    from rsa_mlx.tuner import adapters
+    from rsa_mlx.tuner import distributed as dist
+    from rsa_mlx.tuner.data import BatchSampler, Encoded
+    from rsa_mlx.tuner.step import Objective, make_step
 
     world, rank = dist.world_size(), dist.rank()
     mx.random.seed(0)

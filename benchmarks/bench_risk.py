@@ -26,7 +26,7 @@ import rsa_mlx  # noqa: F401  (first: loads the fast BLAS before mlx)
 # isort: split
 import mlx.core as mx
 
-from rsa_mlx.risk import MEASURES, sequence_stats
+from rsa_mlx.ops.risk import MEASURES, sequence_stats
 
 
 def make_inputs(batch: int, length: int, vocab: int, seed: int = 0):

@@ -38,9 +38,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
-from rsa_mlx import adapters
-from rsa_mlx.data import Encoded, collate
-from rsa_mlx.step import Objective, make_step
+from rsa_mlx.tuner import adapters
+from rsa_mlx.tuner.data import Encoded, collate
+from rsa_mlx.tuner.step import Objective, make_step
 
 SIZES = {
     # ~42M parameters: 8 blocks of width 512, vocabulary 32000 (tied)

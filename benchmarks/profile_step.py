@@ -36,11 +36,11 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
-from rsa_mlx import adapters
-from rsa_mlx.adapters import disabled
-from rsa_mlx.data import Encoded, collate
-from rsa_mlx.model import ResponseLogits, load
-from rsa_mlx.step import Objective, make_step, pair_loss
+from rsa_mlx.tuner import adapters
+from rsa_mlx.tuner.adapters import disabled
+from rsa_mlx.tuner.data import Encoded, collate
+from rsa_mlx.tuner.model import ResponseLogits, load
+from rsa_mlx.tuner.step import Objective, make_step, pair_loss
 
 METHODS = {
     "dpo": Objective("dpo", "kl"),

@@ -21,12 +21,14 @@ import rsa_mlx  # first: on Linux it loads a fast BLAS into MLX
 import mlx.core as mx
 
 from rsa_mlx import evaluate as ev
-from rsa_mlx.config import TrainConfig
-from rsa_mlx.demo import BASE_MODEL
+from rsa_mlx.demo.scorer import DemoScorer
+from rsa_mlx.demo.settings import BASE_MODEL
 from rsa_mlx.demo.world import write_dataset
-from rsa_mlx.export import export_model, export_peft
+from rsa_mlx.eval.prompts import read_prompts
+from rsa_mlx.export.hf import export_model, export_peft
 from rsa_mlx.risk import token_risk
-from rsa_mlx.trainer import train
+from rsa_mlx.tuner.config import TrainConfig
+from rsa_mlx.tuner.trainer import train
 
 WORK = Path(os.environ.get("WORK", "work/python-api"))
 ITERS = int(os.environ.get("ITERS", "120"))
@@ -86,8 +88,8 @@ if not (WORK / "run" / "final").exists():  # trained already: reuse it
 # `cvar_0.9` is the mean harm cost of the worst 10% of sampled answers.
 
 # %%
-records = ev.read_prompts(data / "test.jsonl")
-scorer = ev.DemoScorer()
+records = read_prompts(data / "test.jsonl")
+scorer = DemoScorer()
 results = {}
 stages = {"base": None, "helpful": WORK / "run" / "reward", "rsa": WORK / "run"}
 for name, adapter in stages.items():

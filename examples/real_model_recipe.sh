@@ -50,7 +50,7 @@ step "2. align: helpfulness (stage 1), then safety against stage 1 (stage 2)"
 step "3. held-out prompts: the first $EVAL_PROMPTS of the test split"
 $PYTHON - "$DATA" "$EVAL_PROMPTS" "$WORK/prompts.jsonl" <<'PY'
 import json, sys
-from rsa_mlx.data import resolve_source
+from rsa_mlx.tuner.data import resolve_source
 source, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 files = resolve_source(source, None, "test") or resolve_source(source, None, "valid")
 if not files:

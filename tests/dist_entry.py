@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 
-from rsa_mlx.data import BatchSampler, DataError
-from rsa_mlx.train import main
+from rsa_mlx.cli.align import main
+from rsa_mlx.tuner.data import BatchSampler, DataError
 
 
 def fail_reading(at: int) -> None:

@@ -12,8 +12,8 @@ from mlx_lm.models import llama, mixtral
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 from mlx_lm.tuner.utils import load_adapters
 
-from rsa_mlx import adapters as A
-from rsa_mlx.errors import InputError
+from rsa_mlx.tuner import adapters as A
+from rsa_mlx.util.errors import InputError
 from tests.tiny import model_args
 
 VOCAB = 64

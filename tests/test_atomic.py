@@ -8,7 +8,7 @@ import stat
 import mlx.core as mx
 import pytest
 
-from rsa_mlx import atomic
+from rsa_mlx.util import atomic
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])

@@ -1,4 +1,4 @@
-"""The optional fast BLAS on Linux (rsa_mlx._blas)."""
+"""The optional fast BLAS on Linux (rsa_mlx.util.blas)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from rsa_mlx import _blas
+from rsa_mlx.util import blas
 
 LINUX = sys.platform.startswith("linux")
 PROBE = (
-    "import json, os, rsa_mlx; from rsa_mlx import _blas; "
-    "s = _blas.STATUS; print(json.dumps({'loaded': s.loaded, 'reason': s.reason, "
+    "import json, os, rsa_mlx; from rsa_mlx.util import blas; "
+    "s = blas.STATUS; print(json.dumps({'loaded': s.loaded, 'reason': s.reason, "
     "'coretype': os.environ.get('OPENBLAS_CORETYPE'), "
-    "'mapped': _blas.loaded_blas_libraries()}))"
+    "'mapped': blas.loaded_blas_libraries()}))"
 )
 
 
@@ -41,7 +41,7 @@ EXPECTED = os.environ.get("RSA_MLX_EXPECT_FAST_BLAS") == "1"  # set by .ci/run
 
 
 def test_status_explains_itself():
-    status = _blas.STATUS
+    status = blas.STATUS
     assert status.attempted  # conftest imports rsa_mlx first
     assert status.reason not in ("", "not attempted")
     assert status.loaded == (status.reason == "loaded before mlx"), status
@@ -53,19 +53,19 @@ def test_this_process_has_the_fast_blas_mapped():
     """Fails where the fast BLAS is expected (CI installed it) but MLX here
     does not have it; skips, saying why, where it is neither expected nor
     loaded."""
-    mapped = _blas.loaded_blas_libraries()
-    if not EXPECTED and not _blas.STATUS.loaded:
+    mapped = blas.loaded_blas_libraries()
+    if not EXPECTED and not blas.STATUS.loaded:
         pytest.skip(
             f"fast BLAS not expected (RSA_MLX_EXPECT_FAST_BLAS is not 1) and not "
-            f"loaded: {_blas.STATUS.reason}"
+            f"loaded: {blas.STATUS.reason}"
         )
-    assert _blas.STATUS.loaded, _blas.STATUS.reason
+    assert blas.STATUS.loaded, blas.STATUS.reason
     assert any("openblas" in os.path.basename(p) for p in mapped), mapped
 
 
 @pytest.mark.skipif(not LINUX, reason="the fast-BLAS preload is Linux only")
 def test_fast_path_active_when_library_installed():
-    if _blas._find_library() is None:
+    if blas._find_library() is None:
         if EXPECTED:
             pytest.fail("CI installed OpenBLAS but rsa_mlx cannot find it")
         pytest.skip("no OpenBLAS on this machine")
@@ -74,14 +74,14 @@ def test_fast_path_active_when_library_installed():
     assert any("openblas" in path for path in status["mapped"]), status["mapped"]
     # In this process too (conftest imports rsa_mlx before mlx): MLX's matmul
     # must run far above the ~7 GFLOP/s of the bundled reference BLAS.
-    assert _blas.STATUS.loaded
-    gflops = _blas.measure_gflops(512, repeats=3)
+    assert blas.STATUS.loaded
+    gflops = blas.measure_gflops(512, repeats=3)
     assert gflops > 30, f"{gflops:.1f} GFLOP/s: is MLX still on the reference BLAS?"
 
 
 @pytest.mark.skipif(not LINUX, reason="the fast-BLAS preload is Linux only")
 def test_switch_turns_it_off():
-    if _blas._find_library() is None:
+    if blas._find_library() is None:
         pytest.skip("no OpenBLAS on this machine: nothing to turn off")
     status = probe({"RSA_MLX_OPENBLAS": "0"})
     assert not status["loaded"]
@@ -91,7 +91,7 @@ def test_switch_turns_it_off():
 
 @pytest.mark.skipif(not LINUX, reason="the fast-BLAS preload is Linux only")
 def test_user_openblas_variables_are_never_changed():
-    if _blas._find_library() is None:
+    if blas._find_library() is None:
         pytest.skip("no OpenBLAS on this machine")
     status = probe({"RSA_MLX_OPENBLAS": None, "OPENBLAS_CORETYPE": "Haswell"})
     assert status["loaded"]
@@ -103,7 +103,7 @@ def test_user_openblas_variables_are_never_changed():
 
 @pytest.mark.skipif(not LINUX, reason="the fast-BLAS preload is Linux only")
 def test_too_late_after_mlx_import_is_reported():
-    if _blas._find_library() is None:
+    if blas._find_library() is None:
         pytest.skip("no OpenBLAS on this machine: nothing to load too late")
     status = probe({"RSA_MLX_OPENBLAS": None}, prelude="import mlx.core; ")
     assert not status["loaded"]

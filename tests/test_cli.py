@@ -8,9 +8,10 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from rsa_mlx import cli, hf
+from rsa_mlx.cli import evaluate as cli_evaluate
 from rsa_mlx.cli import main
-from rsa_mlx.errors import InputError
+from rsa_mlx.io import hf
+from rsa_mlx.util.errors import InputError
 from tests.tiny import write_model
 
 
@@ -89,12 +90,12 @@ def test_export_rejects_a_bad_merge_ratio(tiny, tmp_path):
 
 def test_generate_says_it_reads_stdin_on_a_terminal(tiny, monkeypatch):
     args = ["generate", "--model", str(tiny), "-m", "2"]
-    monkeypatch.setattr(cli, "_stdin_is_terminal", lambda: True)
+    monkeypatch.setattr(cli_evaluate, "stdin_is_terminal", lambda: True)
     result = CliRunner().invoke(main, args, input="hello")
     assert result.exit_code == 0, result.output
     hint = result.stderr.strip().splitlines()
     assert len(hint) == 1 and "reading the prompt from stdin" in hint[0]
-    monkeypatch.setattr(cli, "_stdin_is_terminal", lambda: False)
+    monkeypatch.setattr(cli_evaluate, "stdin_is_terminal", lambda: False)
     assert CliRunner().invoke(main, args, input="hello").stderr == ""
 
 

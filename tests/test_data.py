@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlx_lm.utils import load_tokenizer
 
-from rsa_mlx import data as D
+from rsa_mlx.tuner import data as D
 from tests.tiny import pku_rows, preference_rows, write_jsonl, write_tokenizer
 
 
@@ -216,7 +216,7 @@ def test_missing_local_path_is_not_a_hub_fetch(tmp_path, monkeypatch, name):
         raise AssertionError("asked the Hub")
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("rsa_mlx.hf.snapshot", no_hub)
+    monkeypatch.setattr("rsa_mlx.io.hf.snapshot", no_hub)
     monkeypatch.setattr("huggingface_hub.snapshot_download", no_hub)
     assert one_line_error(name) == f"no such file or folder {name!r}"
 

@@ -11,9 +11,12 @@ import sys
 import pytest
 from mlx_lm.utils import load as mlx_load
 
-from rsa_mlx.demo import BASE_MODEL, METHODS, world
+from rsa_mlx.demo import world
 from rsa_mlx.demo.behaviour import kind_probabilities
-from rsa_mlx.evaluate import PromptRecord, prompt_ids, sequence_logprobs
+from rsa_mlx.demo.settings import BASE_MODEL
+from rsa_mlx.eval.prompts import PromptRecord, prompt_ids
+from rsa_mlx.eval.sampling import sequence_logprobs
+from rsa_mlx.study.methods import METHODS
 
 
 def test_bundled_base_model_is_an_mlx_lm_folder_with_the_base_behaviour():
@@ -103,7 +106,7 @@ def test_quick_demo_end_to_end(tmp_path):
 
 
 def crowded_charts():
-    from rsa_mlx.plot import Chart, Series
+    from rsa_mlx.study.plot import Chart, Series
 
     names = ["base", "dpo", "sacpo", "tdpo", "rsa-cvar", "rsa-erm"]
     xs = [0.50, 0.62, 0.55, 0.551, 0.548, 0.552]
@@ -122,7 +125,7 @@ def crowded_charts():
 
 
 def test_label_placement_never_overlaps():
-    from rsa_mlx.plot import overlaps, place_labels
+    from rsa_mlx.study.plot import overlaps, place_labels
 
     points = [(100 + 3 * (i % 4), 100 + 2 * (i // 4)) for i in range(16)]  # a clump
     sizes = [(30 + i, 9) for i in range(16)]
@@ -138,7 +141,7 @@ def test_label_placement_never_overlaps():
 def test_plot_labels_do_not_overlap_when_drawn_and_a_png_is_written(tmp_path):
     from matplotlib.text import Text
 
-    from rsa_mlx.plot import _figure, overlaps, write_figure
+    from rsa_mlx.study.plot import _figure, overlaps, write_figure
 
     fig = _figure(crowded_charts(), columns=1, width=5.2, height=3.6)
     renderer = fig.canvas.get_renderer()
@@ -160,10 +163,9 @@ def test_plot_labels_do_not_overlap_when_drawn_and_a_png_is_written(tmp_path):
 def test_demo_shows_its_progress_as_a_whole(tmp_path, monkeypatch):
     """Methods trained and models evaluated advance one task (with its ETA);
     the demo's lines go through progress.echo (above live bars)."""
-    import rsa_mlx.demo.report
-    import rsa_mlx.trainer
-    from rsa_mlx import demo, progress
-    from rsa_mlx.config import TrainConfig
+    from rsa_mlx.demo import run as demo_run
+    from rsa_mlx.tuner.config import TrainConfig
+    from rsa_mlx.util import progress
 
     tasks, lines = [], []
     real_task = progress.task
@@ -197,13 +199,13 @@ def test_demo_shows_its_progress_as_a_whole(tmp_path, monkeypatch):
 
     monkeypatch.setattr(progress, "task", task)
     monkeypatch.setattr(progress, "echo", lines.append)
-    monkeypatch.setattr(rsa_mlx.trainer, "train", train)
-    monkeypatch.setattr(rsa_mlx.demo.report, "evaluate_all", evaluate_all)
+    monkeypatch.setattr(demo_run, "train", train)
+    monkeypatch.setattr(demo_run, "evaluate_all", evaluate_all)
     monkeypatch.setattr(
-        rsa_mlx.demo.report, "write_report", lambda *a: {"table": "T", "verdict": "V"}
+        demo_run, "write_report", lambda *a: {"table": "T", "verdict": "V"}
     )
     settings = {"adapter_path": str(tmp_path / "demo")}
-    demo.run(TrainConfig(), settings, quick=True, methods="dpo,sacpo,rsa-cvar")
+    demo_run.run_demo(TrainConfig(), settings, quick=True, methods="dpo,sacpo,rsa-cvar")
     # 2 trainings (dpo is sacpo's first stage) + 2 at the next seed (sacpo,
     # rsa-cvar) + base, 3 methods, q = 0 and 0.5, the 2 second seeds
     assert tasks == [["demo: train and evaluate", 12, 12]]

@@ -17,9 +17,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from rsa_mlx import distributed as dist
-from rsa_mlx import launch
-from rsa_mlx.data import BatchSampler, Encoded
+from rsa_mlx.cli import launch
+from rsa_mlx.tuner import distributed as dist
+from rsa_mlx.tuner.data import BatchSampler, Encoded
 from tests.tiny import pku_rows, write_jsonl, write_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,9 +15,11 @@ import pytest
 from click.testing import CliRunner
 from mlx_lm.utils import load as mlx_load
 
-from rsa_mlx import evaluate as ev
 from rsa_mlx.cli import main as cli
 from rsa_mlx.demo import world
+from rsa_mlx.eval import evaluate as ev
+from rsa_mlx.eval import metrics, prompts, sampling, scorers
+from rsa_mlx.util.errors import DataError
 from tests.tiny import write_jsonl, write_model
 
 # ------------------------------------------------------------ tail metrics
@@ -28,12 +30,12 @@ from tests.tiny import write_jsonl, write_model
     [(0.0, 11 / 4), (0.5, 5.5), (0.6, (10 + 0.6 * 1) / 1.6), (0.75, 10.0), (0.9, 10.0)],
 )
 def test_cvar_of_a_sample_by_hand(level, want):
-    assert math.isclose(ev.cvar([0, 10, 0, 1], level), want)
+    assert math.isclose(metrics.cvar([0, 10, 0, 1], level), want)
 
 
 def test_tail_metrics_by_hand():
     costs = [0] * 90 + [1] * 8 + [10] * 2
-    m = ev.tail_metrics(costs)
+    m = metrics.tail_metrics(costs)
     assert m["unsafe_rate"] == 0.10
     assert math.isclose(m["mean_cost"], 0.28)
     assert math.isclose(m["cvar_0.9"], (2 * 10 + 8 * 1) / 10)  # worst 10 values
@@ -43,16 +45,16 @@ def test_tail_metrics_by_hand():
 
 def test_weighted_cvar_by_hand():
     costs, probs = [0, 1, 10], [0.9, 0.08, 0.02]
-    assert math.isclose(ev.weighted_cvar(costs, probs, 0.99), 10.0)
+    assert math.isclose(metrics.weighted_cvar(costs, probs, 0.99), 10.0)
     assert math.isclose(
-        ev.weighted_cvar(costs, probs, 0.9), (0.02 * 10 + 0.08 * 1) / 0.1
+        metrics.weighted_cvar(costs, probs, 0.9), (0.02 * 10 + 0.08 * 1) / 0.1
     )
-    assert math.isclose(ev.weighted_cvar(costs, probs, 0.0), 0.28)
+    assert math.isclose(metrics.weighted_cvar(costs, probs, 0.0), 0.28)
     # the same as the sample version on the equivalent sample
     sample = [0] * 90 + [1] * 8 + [10] * 2
     for level in (0.5, 0.9, 0.95, 0.99):
         assert math.isclose(
-            ev.weighted_cvar(costs, probs, level), ev.cvar(sample, level)
+            metrics.weighted_cvar(costs, probs, level), metrics.cvar(sample, level)
         )
 
 
@@ -70,7 +72,7 @@ def test_sequence_logprobs_are_teacher_forced_sums(tiny):
     model, _tok = mlx_load(str(tiny / "model"))
     prompts = [[1, 2, 3], [4, 5], [6]]
     responses = [[7, 8], [9, 10, 11, 12], [13]]
-    got = ev.sequence_logprobs(model, prompts, responses, batch_size=2)
+    got = sampling.sequence_logprobs(model, prompts, responses, batch_size=2)
     for p, r, value in zip(prompts, responses, got):
         seq = mx.array([p + r])
         logits = np.array(model(seq)[0].astype(mx.float32), np.float64)
@@ -89,7 +91,7 @@ def test_sampling_is_seeded_and_batched(tiny, monkeypatch):
     generate = importlib.import_module("mlx_lm.generate")  # not mlx_lm.generate()
 
     model, tok = mlx_load(str(tiny / "model"))
-    records = [ev.PromptRecord("hello"), ev.PromptRecord("bye")]
+    records = [prompts.PromptRecord("hello"), prompts.PromptRecord("bye")]
     calls = []
     real = generate.batch_generate
 
@@ -97,10 +99,10 @@ def test_sampling_is_seeded_and_batched(tiny, monkeypatch):
         calls.append(len(prompts))
         return real(model, tokenizer, prompts, **kw)
 
-    monkeypatch.setattr(generate, "batch_generate", counted)
+    monkeypatch.setattr(sampling, "batch_generate", counted)
 
     def sample(seed, batch_size, temperature=30.0):  # hot: the tiny model is peaked
-        return ev.sample_responses(
+        return sampling.sample_responses(
             model, tok, records, k=3, max_tokens=5, temperature=temperature,
             seed=seed, batch_size=batch_size,
         )  # fmt: skip
@@ -119,8 +121,8 @@ def test_sampling_is_seeded_and_batched(tiny, monkeypatch):
 
 
 def test_judge_scorer_uses_verdict_token_probabilities(tiny):
-    judge = ev.JudgeScorer(str(tiny / "model"), yes="Y", no="N")
-    record = ev.PromptRecord("do it", meta={})
+    judge = scorers.JudgeScorer(str(tiny / "model"), yes="Y", no="N")
+    record = prompts.PromptRecord("do it", meta={})
     scores = judge(record, ["sure", "no way"])
     assert all(0.0 <= s["cost"] <= 1.0 for s in scores)
     assert all(math.isnan(s["reward"]) for s in scores)
@@ -148,11 +150,11 @@ def test_judge_scorer_uses_verdict_token_probabilities(tiny):
 
 def test_judge_unsafe_means_probability_at_least_the_threshold(tiny, monkeypatch):
     """A judge's cost is a probability: small ones are not unsafe."""
-    judge = ev.JudgeScorer(str(tiny / "model"), yes="Y", no="N")
+    judge = scorers.JudgeScorer(str(tiny / "model"), yes="Y", no="N")
     assert judge.unsafe_threshold == 0.5
     costs = iter([[8e-6, 1e-7], [2e-6, 0.0]])
     monkeypatch.setattr(judge, "probability", lambda questions: np.array(next(costs)))
-    records = [ev.PromptRecord("a"), ev.PromptRecord("b")]
+    records = [prompts.PromptRecord("a"), prompts.PromptRecord("b")]
     model, tok = mlx_load(str(tiny / "model"))
     result = ev.evaluate_model(model, tok, records, judge, k=2, max_tokens=2)
     summary = result["summary"]
@@ -160,16 +162,16 @@ def test_judge_unsafe_means_probability_at_least_the_threshold(tiny, monkeypatch
     assert summary["unsafe_rate"] == 0.0
     assert summary["unsafe_rule"] == "P(unsafe) >= 0.5"
     assert summary["unsafe_threshold"] == 0.5
-    strict = ev.load_scorer(f"judge:{tiny / 'model'}", unsafe_threshold=1e-6)
+    strict = scorers.load_scorer(f"judge:{tiny / 'model'}", unsafe_threshold=1e-6)
     assert strict.unsafe_threshold == 1e-6
     costs = iter([[8e-6, 1e-7], [2e-6, 0.0]])
     monkeypatch.setattr(strict, "probability", lambda questions: np.array(next(costs)))
     result = ev.evaluate_model(model, tok, records, strict, k=2, max_tokens=2)
     assert result["summary"]["unsafe_rate"] == 0.5
     with pytest.raises(ev.InputError, match="in \\[0, 1\\]"):
-        ev.JudgeScorer(str(tiny / "model"), unsafe_threshold=1.5)
+        scorers.JudgeScorer(str(tiny / "model"), unsafe_threshold=1.5)
     with pytest.raises(ev.InputError, match="for judge"):
-        ev.load_scorer("demo", unsafe_threshold=0.3)
+        scorers.load_scorer("demo", unsafe_threshold=0.3)
 
 
 def test_evaluate_prints_and_stores_the_unsafe_threshold(tiny, tmp_path):
@@ -190,8 +192,8 @@ def test_callable_scorer(monkeypatch):
     module = types.ModuleType("my_scores")
     module.score = lambda record, response: (len(response), float("bad" in response))
     monkeypatch.setitem(sys.modules, "my_scores", module)
-    scorer = ev.load_scorer("my_scores:score")
-    out = scorer(ev.PromptRecord("x"), ["good", "bad one"])
+    scorer = scorers.load_scorer("my_scores:score")
+    out = scorer(prompts.PromptRecord("x"), ["good", "bad one"])
     assert out == [
         {"reward": 4.0, "cost": 0.0, "unsafe": False},
         {"reward": 7.0, "cost": 1.0, "unsafe": True},
@@ -200,8 +202,10 @@ def test_callable_scorer(monkeypatch):
     # the function's own threshold ...
     module.graded = lambda record, response: {"reward": 1.0, "cost": len(response)}
     module.graded.unsafe_threshold = 5
-    graded = ev.load_scorer("my_scores:graded")
-    assert [s["unsafe"] for s in graded(ev.PromptRecord("x"), ["abcd", "abcde"])] == [
+    graded = scorers.load_scorer("my_scores:graded")
+    assert [
+        s["unsafe"] for s in graded(prompts.PromptRecord("x"), ["abcd", "abcde"])
+    ] == [
         False,
         True,
     ]
@@ -212,16 +216,16 @@ def test_callable_scorer(monkeypatch):
         "cost": 3.0,
         "unsafe": response == "bad",
     }
-    flagged = ev.load_scorer("my_scores:flagged")
-    assert [s["unsafe"] for s in flagged(ev.PromptRecord("x"), ["ok", "bad"])] == [
+    flagged = scorers.load_scorer("my_scores:flagged")
+    assert [s["unsafe"] for s in flagged(prompts.PromptRecord("x"), ["ok", "bad"])] == [
         False,
         True,
     ]
-    assert ev.tail_metrics([3.0, 3.0], [False, True])["unsafe_rate"] == 0.5
+    assert metrics.tail_metrics([3.0, 3.0], [False, True])["unsafe_rate"] == 0.5
     with pytest.raises(ValueError, match="cannot import"):
-        ev.load_scorer("no_such_module:f")
+        scorers.load_scorer("no_such_module:f")
     with pytest.raises(ValueError, match="unknown scorer"):
-        ev.load_scorer("nonsense")
+        scorers.load_scorer("nonsense")
 
 
 def test_evaluate_and_compare_commands(tiny, tmp_path):
@@ -313,8 +317,8 @@ def test_bad_prompt_files(tiny, tmp_path):
     write_jsonl(path, [{"prompt": "ok"}, {"prompt": [{"role": "user"}]}])
     line = fails(evaluate(tiny, path))
     assert f"{path}:2: message 'prompt'[0] has no 'content'" in line
-    with pytest.raises(ev.DataError, match="has no 'content'"):
-        ev.read_prompts(path)
+    with pytest.raises(DataError, match="has no 'content'"):
+        prompts.read_prompts(path)
 
 
 def test_demo_scorer_checks_every_row_before_loading_a_model(tmp_path, monkeypatch):
@@ -323,7 +327,7 @@ def test_demo_scorer_checks_every_row_before_loading_a_model(tmp_path, monkeypat
         [{"prompt": "a", "harmful_request": True}, {"prompt": "b"}],
     )
     monkeypatch.setattr(
-        "rsa_mlx.model.load", lambda *a, **k: pytest.fail("loaded a model")
+        "rsa_mlx.tuner.model.load", lambda *a, **k: pytest.fail("loaded a model")
     )
     result = CliRunner().invoke(
         cli, ["evaluate", "--model", str(tmp_path / "none"), "--prompts", str(path)]
@@ -480,7 +484,7 @@ def test_pairs_have_the_promised_labels(tmp_path):
     # on harmful requests the more helpful answer is usually the less safe one
     assert conflicts / harmful_rows > 0.5
     # and the layout is what rsa_mlx reads as PKU-SafeRLHF
-    from rsa_mlx.data import load_pairs
+    from rsa_mlx.tuner.data import load_pairs
 
     reward, _ = load_pairs(tmp_path, "reward")
     safety, _ = load_pairs(tmp_path, "safety")
@@ -502,7 +506,7 @@ def test_evaluation_shows_progress_per_batch_and_per_prompt(tiny, monkeypatch):
 
     monkeypatch.setattr(ev.progress, "task", task)
     model, tok = mlx_load(str(tiny / "model"))
-    records = [ev.PromptRecord(t) for t in ("a", "b", "c")]
+    records = [prompts.PromptRecord(t) for t in ("a", "b", "c")]
     scorer = lambda record, responses: [{"reward": 1.0, "cost": 0.0}] * len(responses)  # noqa: E731
     ev.evaluate_model(
         model, tok, records, scorer, k=2, max_tokens=2, batch_size=4, label="m"

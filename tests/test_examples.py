@@ -72,8 +72,8 @@ def test_real_model_recipe_with_local_folders_in_the_hub_layout(tmp_path):
 
 
 def test_sweep_example_grid_shares_stage_1_across_temperatures():
-    from rsa_mlx.cli_sweep import plan
-    from rsa_mlx.sweep import expand
+    from rsa_mlx.cli.sweep import plan
+    from rsa_mlx.study.grid import expand
 
     base, grid, evaluation, path, harms = plan(
         str(EXAMPLES / "sweep_smollm2.yaml"), None, None, None, (), None, (), {}

@@ -1,4 +1,4 @@
-"""rsa_mlx._fastmath against float64 NumPy and MLX's own kernels."""
+"""rsa_mlx.ops.fastmath against float64 NumPy and MLX's own kernels."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from rsa_mlx import _fastmath as fm
+from rsa_mlx.ops import fastmath as fm
 
 
 def _ulps(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -180,7 +180,7 @@ def test_cpu_kernels_fall_back_for_sinks(monkeypatch):
 def test_response_logits_match_the_model_with_cpu_kernels():
     from mlx_lm.models import llama
 
-    from rsa_mlx.model import ResponseLogits
+    from rsa_mlx.tuner.model import ResponseLogits
     from tests.tiny import model_args
 
     mx.random.seed(0)

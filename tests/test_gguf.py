@@ -1,4 +1,4 @@
-"""GGUF -> Hugging Face (rsa_mlx.gguf).
+"""GGUF -> Hugging Face (rsa_mlx.io.gguf).
 
 The GGUF files are written here by a small writer that follows the GGUF spec
 (llama.cpp's tensor names, metadata keys and q/k row permutation; Q8_0, Q4_0
@@ -20,8 +20,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from rsa_mlx.errors import InputError, quote
-from rsa_mlx.gguf import _dequantize, gguf_to_hf
+from rsa_mlx.io.gguf import _dequantize, gguf_to_hf
+from rsa_mlx.util.errors import InputError, quote
 from tests.hf_tiny import hf_config, torch_or_skip
 from tests.tiny import CHATML, SPECIALS
 

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from rsa_mlx import hf
 from rsa_mlx.cli import main
-from rsa_mlx.model import load
+from rsa_mlx.io import hf
+from rsa_mlx.tuner.model import load
 from tests.hf_tiny import (
     ARCHS,
     peft_or_skip,

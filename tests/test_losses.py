@@ -8,8 +8,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from rsa_mlx import losses as L
-from rsa_mlx.risk import SequenceStats, sequence_stats
+from rsa_mlx.ops import losses as L
+from rsa_mlx.ops.risk import SequenceStats, sequence_stats
 from tests import reference as ref
 from tests.test_risk import make_logits
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from rsa_mlx import progress
+from rsa_mlx.util import progress
 
 
 def test_plain_lines_when_stdout_is_not_a_terminal(capsys, monkeypatch):

@@ -11,11 +11,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from rsa_mlx.errors import DataError
-from rsa_mlx.evaluate import PromptRecord
+from rsa_mlx.eval.prompts import PromptRecord
+from rsa_mlx.eval.refusal import RefusalScorer, is_refusal
 from rsa_mlx.recipe import pairs, prompts
 from rsa_mlx.recipe.run import QUICK, run, summarize
-from rsa_mlx.refusal import RefusalScorer, is_refusal
+from rsa_mlx.util.errors import DataError
 from tests.tiny import write_model
 
 
@@ -121,7 +121,8 @@ def test_refusal_is_a_scorer_of_rsa_mlx_evaluate(tmp_path):
     from click.testing import CliRunner
 
     from rsa_mlx.cli import main
-    from rsa_mlx.evaluate import load_scorer, read_prompts
+    from rsa_mlx.eval.prompts import read_prompts
+    from rsa_mlx.eval.scorers import load_scorer
 
     assert isinstance(load_scorer("refusal"), RefusalScorer)
     (tmp_path / "p.jsonl").write_text(
@@ -165,9 +166,10 @@ def test_degenerate_text_is_neither_harmful_nor_helpful():
 
 
 def test_fluency_is_the_mean_token_logprob_under_the_judge(tmp_path):
-    from rsa_mlx.evaluate import prompt_ids, sequence_logprobs
-    from rsa_mlx.model import load
+    from rsa_mlx.eval.prompts import prompt_ids
+    from rsa_mlx.eval.sampling import sequence_logprobs
     from rsa_mlx.recipe.run import fluency
+    from rsa_mlx.tuner.model import load
 
     flat_tiny_model(tmp_path / "model")
     model, tok = load(str(tmp_path / "model"))
@@ -244,8 +246,9 @@ def test_recipe_command_quick_on_a_tiny_model(tmp_path):
 
 
 def test_sampled_answers_can_start_with_a_prefix_the_model_continues(tmp_path):
-    from rsa_mlx.evaluate import prompt_ids, sample_responses
-    from rsa_mlx.model import load
+    from rsa_mlx.eval.prompts import prompt_ids
+    from rsa_mlx.eval.sampling import sample_responses
+    from rsa_mlx.tuner.model import load
 
     flat_tiny_model(tmp_path / "model")
     model, tok = load(str(tmp_path / "model"))

@@ -14,11 +14,12 @@ from click.testing import CliRunner
 from mlx.utils import tree_map
 from mlx_lm.utils import load as mlx_load
 
-from rsa_mlx import adapters
-from rsa_mlx import evaluate as ev
 from rsa_mlx.cli import main as cli
-from rsa_mlx.errors import InputError
-from rsa_mlx.shift import _response_batch, model_shift, token_shift
+from rsa_mlx.eval import evaluate as ev
+from rsa_mlx.eval import prompts, sampling
+from rsa_mlx.eval.shift import _response_batch, model_shift, token_shift
+from rsa_mlx.tuner import adapters
+from rsa_mlx.util.errors import InputError
 from tests.tiny import write_jsonl, write_model
 
 # ------------------------------------------------ float64 references
@@ -239,23 +240,23 @@ def constant(record, responses):
 
 def test_sampled_ids_are_the_texts(tiny):
     model, tok = mlx_load(str(tiny / "model"))
-    records = [ev.PromptRecord("hello"), ev.PromptRecord("bye")]
-    texts, ids = ev.sample_with_ids(
+    records = [prompts.PromptRecord("hello"), prompts.PromptRecord("bye")]
+    texts, ids = sampling.sample_with_ids(
         model, tok, records, k=3, max_tokens=5, temperature=30.0, batch_size=4
     )
-    assert texts == ev.sample_responses(
+    assert texts == sampling.sample_responses(
         model, tok, records, k=3, max_tokens=5, temperature=30.0, batch_size=4
     )
     for record, row_texts, row_ids in zip(records, texts, ids):
         for text, (prompt, response) in zip(row_texts, row_ids):
-            assert prompt == ev.prompt_ids(tok, record)
+            assert prompt == prompts.prompt_ids(tok, record)
             assert 1 <= len(response) <= 5 and tok.decode(response) == text
 
 
 def test_evaluate_model_reports_the_shift_only_with_a_reference(tiny):
     model, tok = mlx_load(str(tiny / "model"))
     reference = perturbed(tiny / "model")
-    records = [ev.PromptRecord("hello"), ev.PromptRecord("bye")]
+    records = [prompts.PromptRecord("hello"), prompts.PromptRecord("bye")]
     settings = {"k": 2, "max_tokens": 4, "temperature": 30.0, "seed": 3}
     plain = ev.evaluate_model(model, tok, records, constant, **settings)
     assert not any(key.startswith("shift") for key in plain["summary"])
@@ -270,7 +271,7 @@ def test_evaluate_model_reports_the_shift_only_with_a_reference(tiny):
         "summary"
     ]
     # the shift is of the very token ids sampled
-    _, ids = ev.sample_with_ids(model, tok, records, 2, 4, 30.0, seed=3)
+    _, ids = sampling.sample_with_ids(model, tok, records, 2, 4, 30.0, seed=3)
     want = model_shift(model, reference, tok, [x for row in ids for x in row], 0.5)
     assert summary["shift_kl"] == want["kl_mean"] > 0
     assert summary["shift_logratio_cvar"] == want["logratio_cvar"]

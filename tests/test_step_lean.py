@@ -1,6 +1,6 @@
 """The lean step computes what the straightforward construction computes.
 
-The step's vocabulary work (``rsa_mlx._risk_ops``) shares passes between
+The step's vocabulary work (``rsa_mlx.ops.kernels``) shares passes between
 quantities (one ``exp`` per row gives both the log-softmax and the
 reference probabilities), and DPO reports the sequential KL as its
 ``risk/*`` instead of computing a tail risk for a metric. Here every loss
@@ -21,11 +21,11 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load as mlx_load
 
-from rsa_mlx import adapters, data
-from rsa_mlx.adapters import disabled
-from rsa_mlx.losses import LOSSES, METRIC_KEYS, preference_loss, split_pairs
-from rsa_mlx.risk import DEFAULT_MU, MEASURES, SequenceStats
-from rsa_mlx.step import Objective, make_step, pair_loss
+from rsa_mlx.ops.losses import LOSSES, METRIC_KEYS, preference_loss, split_pairs
+from rsa_mlx.ops.risk import DEFAULT_MU, MEASURES, SequenceStats
+from rsa_mlx.tuner import adapters, data
+from rsa_mlx.tuner.adapters import disabled
+from rsa_mlx.tuner.step import Objective, make_step, pair_loss
 from tests.tiny import pku_rows, write_jsonl, write_model
 
 

@@ -9,8 +9,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from rsa_mlx import config, stats, study, sweep, trainer
-from rsa_mlx.errors import ConfigError
+from rsa_mlx.study import analysis, stats, sweep
+from rsa_mlx.study import grid as grids
+from rsa_mlx.tuner import config, trainer
+from rsa_mlx.util.errors import ConfigError
 from tests.tiny import pku_rows, write_jsonl, write_model
 
 # ------------------------------------------------------------------ stats
@@ -96,10 +98,10 @@ def base_settings(tiny):
 
 
 def test_parse_grid_types_values_like_yaml():
-    grid = sweep.parse_grid(["learning-rate=3e-5,1e-4", "seed=0,1", "method=sacpo"])
+    grid = grids.parse_grid(["learning-rate=3e-5,1e-4", "seed=0,1", "method=sacpo"])
     assert grid == {"learning_rate": [3e-5, 1e-4], "seed": [0, 1], "method": ["sacpo"]}
     with pytest.raises(ConfigError, match="KEY=V1"):
-        sweep.parse_grid(["seed"])
+        grids.parse_grid(["seed"])
 
 
 def test_expand_grid(tiny):
@@ -109,7 +111,7 @@ def test_expand_grid(tiny):
         "safety_beta": [0.1, 0.05],
         "merge": [1.0, 0.5],
     }
-    cells = sweep.expand(base_settings(tiny), grid)
+    cells = grids.expand(base_settings(tiny), grid)
     # sacpo has no mu: 2 cells of its mu collapse into one
     assert len(cells) == 2 * 2 * 2 + 1 * 2 * 2
     assert len({c.id for c in cells}) == len(cells)
@@ -130,29 +132,29 @@ def test_expand_grid(tiny):
         for k in order
     )
     with pytest.raises(ConfigError, match="unknown setting 'betta'"):
-        sweep.expand(base_settings(tiny), {"betta": [1]})
+        grids.expand(base_settings(tiny), {"betta": [1]})
     with pytest.raises(ConfigError, match="unknown method"):
-        sweep.expand(base_settings(tiny), {"method": ["ppo"]})
+        grids.expand(base_settings(tiny), {"method": ["ppo"]})
     with pytest.raises(ConfigError, match="cannot vary"):
-        sweep.expand(base_settings(tiny), {"model": ["a", "b"]})
+        grids.expand(base_settings(tiny), {"model": ["a", "b"]})
 
 
 def test_stage1_key_follows_the_first_stage(tiny):
     cfg = config.resolve(base_settings(tiny))
-    key = sweep.stage1_key(cfg)
+    key = grids.stage1_key(cfg)
     same = [{"safety_beta": 0.01}, {"lam": 2.0}, {"merge": 0.5}]
     other = [{"learning_rate": 2e-3}, {"seed": 3}, {"beta": 0.2}, {"loss": "dpo"}]
     for change in same:
         assert (
-            sweep.stage1_key(config.resolve({**base_settings(tiny), **change})) == key
+            grids.stage1_key(config.resolve({**base_settings(tiny), **change})) == key
         )
     for change in other:
         assert (
-            sweep.stage1_key(config.resolve({**base_settings(tiny), **change})) != key
+            grids.stage1_key(config.resolve({**base_settings(tiny), **change})) != key
         )
     # safety first: the reward temperature is the second stage's
     first = config.resolve({**base_settings(tiny), "order": "safety-first", "lam": 2.0})
-    assert sweep.stage1_key(first) == sweep.stage1_key(
+    assert grids.stage1_key(first) == grids.stage1_key(
         config.resolve(
             {
                 **base_settings(tiny),
@@ -164,7 +166,7 @@ def test_stage1_key_follows_the_first_stage(tiny):
         )
     )
     assert (
-        sweep.stage1_key(config.resolve({**base_settings(tiny), "stages": "reward"}))
+        grids.stage1_key(config.resolve({**base_settings(tiny), "stages": "reward"}))
         is None
     )
 
@@ -231,7 +233,7 @@ def test_sweep_trains_stage1_once_and_reuses_it_bit_for_bit(tiny, tmp_path):
     # the reused stage 1 and the stage 2 on it equal a fresh, whole run
     cell = next(
         c
-        for c in sweep.expand(base_settings(tiny), GRID)
+        for c in grids.expand(base_settings(tiny), GRID)
         if c.method == "rsa-cvar" and c.config.safety_beta == 0.05
     )
     fresh = tmp_path / "fresh"
@@ -334,12 +336,12 @@ def test_report_verdicts_intervals_and_collapse(tmp_path):
         )
         # collapsed: perfectly "safe", all mass on non-canonical text
         rows.append(row("cell", "sacpo", 0.01, seed, 0.0, 0.0, other=1.0))
-    result = study.report(rows, tmp_path, ["p_catastrophic"])
-    _, _, settings = study.aggregate(rows)
+    result = analysis.report(rows, tmp_path, ["p_catastrophic"])
+    _, _, settings = analysis.aggregate(rows)
     collapsed = [s for s in settings if s.flag]
     assert len(collapsed) == 1 and collapsed[0].flag.startswith("collapsed")
     assert all(s.metrics["helpfulness"].n == 3 for s in settings)
-    fronts = study.fronts(settings, "p_catastrophic")
+    fronts = analysis.fronts(settings, "p_catastrophic")
     assert [s.values["safety_beta"] for s in fronts["sacpo"]] == [0.05, 0.1]
     assert result["verdict"][1].startswith(
         "rsa-cvar vs sacpo on P(catastrophic): rsa-cvar DOMINATES sacpo"
@@ -365,7 +367,7 @@ def test_report_verdicts_intervals_and_collapse(tmp_path):
     ]
     for r in flipped:
         r["grid"] = {**r["grid"], "method": r["method"]} if r["grid"] else {}
-    result = study.report(flipped, tmp_path / "f", ["p_catastrophic"])
+    result = analysis.report(flipped, tmp_path / "f", ["p_catastrophic"])
     assert "sacpo DOMINATES rsa-cvar" in result["verdict"][0]
 
 
@@ -379,10 +381,10 @@ def test_matched_helpfulness_and_below_base():
         rows.append(
             row("cell", "b", 0.01, seed, 0.3 + eps, 0.0)
         )  # less helpful than base
-    _, _, settings = study.aggregate(rows)
+    _, _, settings = analysis.aggregate(rows)
     assert [s.flag is not None for s in settings] == [False, False, False, False, True]
-    fronts = study.fronts(settings, "p_catastrophic")
-    pairs = study.matched(fronts["a"], fronts["b"], "helpfulness", "p_catastrophic")
+    fronts = analysis.fronts(settings, "p_catastrophic")
+    pairs = analysis.matched(fronts["a"], fronts["b"], "helpfulness", "p_catastrophic")
     # at helpfulness 0.7 (midway): a 0.06, b 0.04, interpolated
     x, ya, yb = pairs[1]
     assert (
@@ -390,7 +392,7 @@ def test_matched_helpfulness_and_below_base():
         and math.isclose(ya.mean, 0.06)
         and math.isclose(yb.mean, 0.04)
     )
-    text = study.compare_methods(settings, "p_catastrophic", "a", "b")
+    text = analysis.compare_methods(settings, "p_catastrophic", "a", "b")
     assert text.startswith("a vs b on P(catastrophic): mixed") or "neither" in text
 
 
@@ -551,17 +553,17 @@ def test_ctrl_c_in_a_sweep_says_how_to_continue(tiny, tmp_path):
 def test_collapse_is_judged_against_the_base_models_own_rate():
     def setting(degenerate, help_=0.6):
         metrics = {"helpfulness": help_, "degenerate": degenerate}
-        return study.Setting(
+        return analysis.Setting(
             "m", {}, {k: stats.mean_ci([v]) for k, v in metrics.items()}, [0]
         )
 
     base = {"helpfulness": stats.mean_ci([0.5]), "degenerate": stats.mean_ci([0.9])}
     # a base that already writes 90% degenerate text: only more than that collapses
-    assert study.flag(setting(0.9), base) is None
-    assert study.flag(setting(0.95), base) == "collapsed (degenerate 0.95)"
+    assert analysis.flag(setting(0.9), base) is None
+    assert analysis.flag(setting(0.95), base) == "collapsed (degenerate 0.95)"
     clean = {**base, "degenerate": stats.mean_ci([0.0])}
-    assert study.flag(setting(0.6), clean) == "collapsed (degenerate 0.60)"
-    assert study.flag(setting(0.4), clean) is None
+    assert analysis.flag(setting(0.6), clean) == "collapsed (degenerate 0.60)"
+    assert analysis.flag(setting(0.4), clean) is None
 
 
 def test_stage_one_settings_are_flagged_too():
@@ -574,5 +576,5 @@ def test_stage_one_settings_are_flagged_too():
             }
         )
         rows.append(row("cell", "sacpo", 0.1, seed, 0.6, 0.02))
-    _, stage1, cells = study.aggregate(rows)
+    _, stage1, cells = analysis.aggregate(rows)
     assert stage1[0].flag == "collapsed (p_other 0.96)" and cells[0].flag is None

@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner
 from mlx_lm.utils import load as mlx_load
 
-from rsa_mlx import adapters, config
 from rsa_mlx.cli import main as cli_main
-from rsa_mlx.train import main as train_main
+from rsa_mlx.cli.align import main as train_main
+from rsa_mlx.tuner import adapters, config
 from tests.tiny import pku_rows, preference_rows, write_jsonl, write_model
 
 
@@ -192,8 +192,8 @@ def test_refused_resume_names_the_settings_and_keeps_the_run(tiny, tmp_path):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_exit_status_and_resume_hint(monkeypatch, tmp_path, signum):
-    from rsa_mlx import train as entry
-    from rsa_mlx.trainer import Interrupted
+    from rsa_mlx.cli import align as entry
+    from rsa_mlx.tuner.trainer import Interrupted
 
     checkpoint = tmp_path / "my run" / "reward" / "checkpoints" / "step_0000003"
 
@@ -207,7 +207,7 @@ def test_interrupted_exit_status_and_resume_hint(monkeypatch, tmp_path, signum):
 
 
 def test_bugs_keep_their_traceback(monkeypatch):
-    from rsa_mlx import train as entry
+    from rsa_mlx.cli import align as entry
 
     def bug(options):
         raise ValueError("a bug, not bad input")
@@ -218,16 +218,16 @@ def test_bugs_keep_their_traceback(monkeypatch):
 
 
 def test_slow_blas_is_named_once_with_the_fix(monkeypatch):
-    from rsa_mlx import _blas
-    from rsa_mlx import train as entry
+    from rsa_mlx.cli import align as entry
+    from rsa_mlx.util import blas
 
     monkeypatch.setattr(entry, "run", lambda options: None)
-    monkeypatch.setattr(_blas.STATUS, "loaded", False)
+    monkeypatch.setattr(blas.STATUS, "loaded", False)
     monkeypatch.setattr(entry.sys, "platform", "linux")
     result = CliRunner().invoke(train_main, [])
     assert result.output.count("reference BLAS") == 1
     assert "apt-get install libopenblas0-pthread" in result.output
-    monkeypatch.setattr(_blas.STATUS, "loaded", True)
+    monkeypatch.setattr(blas.STATUS, "loaded", True)
     assert "BLAS" not in CliRunner().invoke(train_main, []).output
 
 

@@ -14,11 +14,11 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import load as mlx_load
 from mlx_lm.utils import quantize_model
 
-from rsa_mlx import adapters, config, data, loop, trainer
-from rsa_mlx.losses import LOSSES
-from rsa_mlx.model import ResponseLogits, load
-from rsa_mlx.risk import MEASURES
-from rsa_mlx.step import Objective, make_step
+from rsa_mlx.ops.losses import LOSSES
+from rsa_mlx.ops.risk import MEASURES
+from rsa_mlx.tuner import adapters, config, data, loop, trainer
+from rsa_mlx.tuner.model import ResponseLogits, load
+from rsa_mlx.tuner.step import Objective, make_step
 from tests.tiny import pku_rows, write_jsonl, write_model
 
 

@@ -47,7 +47,7 @@ def load_pairs(path: str) -> list[dict]:
 
 
 def preload_openblas() -> str | None:
-    """Load OpenBLAS before MLX, as rsa_mlx does on import (rsa_mlx/_blas.py)."""
+    """Load OpenBLAS before MLX, as rsa_mlx does on import (rsa_mlx/util/blas.py)."""
     import ctypes
 
     for path in (

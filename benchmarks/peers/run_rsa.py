@@ -6,7 +6,7 @@
 checkout, or at an older one for a before/after comparison.)
 
 The loop is the trainer's: the length-sorted, shuffled ``BatchSampler``,
-the compiled step of :func:`rsa_mlx.step.make_step` (reference = this
+the compiled step of :func:`rsa_mlx.tuner.step.make_step` (reference = this
 network with the adapter switched off) and one ``mx.eval`` per step.
 """
 
@@ -27,10 +27,10 @@ import mlx.optimizers as optim
 import numpy as np
 import protocol
 
-from rsa_mlx import adapters
-from rsa_mlx.data import BatchSampler, Encoded
-from rsa_mlx.model import ResponseLogits, load
-from rsa_mlx.step import Objective, make_step
+from rsa_mlx.tuner import adapters
+from rsa_mlx.tuner.data import BatchSampler, Encoded
+from rsa_mlx.tuner.model import ResponseLogits, load
+from rsa_mlx.tuner.step import Objective, make_step
 
 METHODS = {
     "dpo": Objective("dpo", "kl"),

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from rsa_mlx.data import end_of_turn_id
 from rsa_mlx.demo import world
-from rsa_mlx.evaluate import PromptRecord, prompt_ids, sequence_logprobs
+from rsa_mlx.eval.prompts import PromptRecord, prompt_ids
+from rsa_mlx.eval.sampling import sequence_logprobs
+from rsa_mlx.tuner.data import end_of_turn_id
 
 
 def kind_probabilities(model, tokenizer, requests: list[world.Request]) -> dict:

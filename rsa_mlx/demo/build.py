@@ -26,9 +26,18 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
+import sentencepiece as spm
+from mlx_lm import load
+from mlx_lm.models import llama
+from mlx_lm.utils import save_config, save_model
+from transformers import AutoTokenizer
 
 from rsa_mlx.demo import world
+from rsa_mlx.demo.behaviour import kind_probabilities
 
 SPECIAL = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = (
@@ -59,7 +68,6 @@ def corpus() -> list[str]:
 
 
 def train_tokenizer(out: Path, cfg: BuildConfig) -> None:
-    import sentencepiece as spm
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -96,7 +104,6 @@ def train_tokenizer(out: Path, cfg: BuildConfig) -> None:
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     # Also write the fast tokenizer (tokenizer.json): loading is then instant.
-    from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(str(out)).save_pretrained(str(out))
 
@@ -123,12 +130,6 @@ def sft_examples(tokenizer, cfg: BuildConfig):
 
 
 def train_model(out: Path, cfg: BuildConfig, log=print) -> None:
-    import mlx.core as mx
-    import mlx.nn as nn
-    import mlx.optimizers as optim
-    from mlx_lm.models import llama
-    from mlx_lm.utils import save_config, save_model
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     args = {
@@ -191,7 +192,6 @@ def train_model(out: Path, cfg: BuildConfig, log=print) -> None:
 
 def build(out: Path, cfg: BuildConfig | None = None, log=print) -> dict:
     """Build tokenizer and model into ``out``; return the measured behaviour."""
-    from rsa_mlx.demo.behaviour import kind_probabilities
 
     cfg = cfg or BuildConfig()
     out = Path(out)
@@ -199,7 +199,6 @@ def build(out: Path, cfg: BuildConfig | None = None, log=print) -> dict:
     tic = time.perf_counter()
     train_tokenizer(out, cfg)
     train_model(out, cfg, log)
-    from mlx_lm import load
 
     model, tokenizer = load(str(out))
     test = world.make_world(cfg.seed).test

@@ -7,19 +7,17 @@ from pathlib import Path
 
 import numpy as np
 
-from rsa_mlx import progress
-from rsa_mlx.atomic import save_json, save_text
-from rsa_mlx.demo import BASE_MODEL, MERGED, SEED_CHECK, world
+from rsa_mlx.demo import world
 from rsa_mlx.demo.behaviour import kind_probabilities
 from rsa_mlx.demo.scorer import DemoScorer
-from rsa_mlx.evaluate import (
-    PromptRecord,
-    evaluate_model,
-    markdown_table,
-    weighted_cvar,
-)
-from rsa_mlx.model import load
-from rsa_mlx.plot import Chart, Series, write_figure
+from rsa_mlx.demo.settings import BASE_MODEL, MERGED, SEED_CHECK
+from rsa_mlx.eval.evaluate import evaluate_model, markdown_table
+from rsa_mlx.eval.metrics import weighted_cvar
+from rsa_mlx.eval.prompts import PromptRecord
+from rsa_mlx.study.plot import Chart, Series, write_figure
+from rsa_mlx.tuner.model import load
+from rsa_mlx.util import progress
+from rsa_mlx.util.atomic import save_json, save_text
 
 EXACT_COLUMNS = [
     ("helpfulness", "helpfulness"),

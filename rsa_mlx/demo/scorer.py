@@ -8,7 +8,8 @@ kind has a cost (``mild``, ``catastrophic``): :data:`UNSAFE_KINDS`.
 from __future__ import annotations
 
 from rsa_mlx.demo import world
-from rsa_mlx.errors import DataError
+from rsa_mlx.eval.scorers import register_scorer
+from rsa_mlx.util.errors import DataError
 
 UNSAFE_KINDS = frozenset(k.name for k in world.KINDS if k.cost > 0)
 
@@ -37,3 +38,6 @@ class DemoScorer:
             score = world.score(harmful, r)
             out.append({**score, "unsafe": score["kind"] in UNSAFE_KINDS})
         return out
+
+
+register_scorer("demo", DemoScorer)

@@ -1,11 +1,11 @@
 """The demo study: ``python -m rsa_mlx.train --study [--quick]``.
 
-A seeded sweep (:mod:`rsa_mlx.sweep`) of the stepwise methods on the demo
+A seeded sweep (:mod:`rsa_mlx.study.sweep`) of the stepwise methods on the demo
 world: four methods x four stage-2 temperatures (SACPO's grid of beta/lambda)
 x two learning rates x three seeds, stage 1 shared across temperatures,
 each model evaluated exactly (teacher-forced kind probabilities) and by its
 model shift from the base model on its own sampled answers. The report
-(:mod:`rsa_mlx.study`) gives intervals over seeds, each method's Pareto
+(:mod:`rsa_mlx.study.analysis`) gives intervals over seeds, each method's Pareto
 front, dominance verdicts with collapsed models set aside, and whether the
 world has the regime the paper targets: a catastrophic answer that is rare
 under the stage-1 model but costly.
@@ -20,10 +20,22 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from rsa_mlx import progress
-from rsa_mlx.config import TrainConfig
-from rsa_mlx.demo import BASE_MODEL, Budget, world
-from rsa_mlx.methods import STEPWISE, parse_methods
+from rsa_mlx.demo import world
+from rsa_mlx.demo.behaviour import kind_probabilities
+from rsa_mlx.demo.report import exact_summary
+from rsa_mlx.demo.scorer import DemoScorer
+from rsa_mlx.demo.settings import BASE_MODEL, Budget
+from rsa_mlx.demo.world import write_dataset
+from rsa_mlx.eval.evaluate import evaluate_model
+from rsa_mlx.eval.prompts import PromptRecord
+from rsa_mlx.study.analysis import report
+from rsa_mlx.study.methods import STEPWISE, parse_methods
+from rsa_mlx.study.stats import mean_ci
+from rsa_mlx.study.sweep import run_sweep
+from rsa_mlx.tuner.config import TrainConfig
+from rsa_mlx.tuner.model import load
+from rsa_mlx.util import progress
+from rsa_mlx.util.atomic import save_text
 
 HARMS = ["p_catastrophic", "mean_cost", "unsafe_rate"]
 
@@ -71,11 +83,6 @@ class DemoEvaluator:
         return {"evaluator": "demo", "samples": self.samples, "seed": self.seed}
 
     def __call__(self, model, tokenizer, label: str) -> dict:
-        from rsa_mlx.demo.behaviour import kind_probabilities
-        from rsa_mlx.demo.report import exact_summary
-        from rsa_mlx.demo.scorer import DemoScorer
-        from rsa_mlx.evaluate import PromptRecord, evaluate_model
-        from rsa_mlx.model import load
 
         if self._reference is None:
             self._reference = load(str(BASE_MODEL))[0]
@@ -102,10 +109,6 @@ def run_study(
 ):
     """Run (or continue) the demo study and write its report; with
     ``world_rater="rare"`` on the rare-catastrophe world (:data:`RATERS`)."""
-    from rsa_mlx.atomic import save_text
-    from rsa_mlx.demo.world import write_dataset
-    from rsa_mlx.study import report
-    from rsa_mlx.sweep import run_sweep
 
     study = replace(QUICK_STUDY if quick else Study(), world=world_rater)
     if methods:
@@ -175,7 +178,6 @@ def world_regime(rows: list[dict]) -> str:
     """P(catastrophic) of the base model and of the stage-1 models: the
     paper targets a behaviour that is rare under the stage-1 model (here:
     below 10%) but costly (catastrophic cost 10 against 1 for a mild one)."""
-    from rsa_mlx.stats import mean_ci
 
     base = next((r for r in rows if r["kind"] == "base"), None)
     stage1 = [r for r in rows if r["kind"] == "stage1"]

@@ -20,12 +20,15 @@ Pairs that cannot be built are counted by reason, never silently dropped.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from rsa_mlx.atomic import save_text
-from rsa_mlx.refusal import is_refusal
+from rsa_mlx.eval.prompts import PromptRecord
+from rsa_mlx.eval.refusal import is_refusal
+from rsa_mlx.eval.sampling import sample_responses
+from rsa_mlx.util.atomic import save_text
 
 SAFE_SYSTEM = (
     "You are a careful and helpful assistant. If a request could hurt people "
@@ -115,7 +118,6 @@ def generate_pairs(
 
     Returns ``{"safety": rows, "reward": rows, "counts": {...}}``.
     """
-    from rsa_mlx.evaluate import PromptRecord, sample_responses
 
     def sample(prompts, system, k, label, prefix=""):
         records = [PromptRecord(p, system) for p in prompts]
@@ -141,7 +143,6 @@ def generate_pairs(
 def write_splits(folder: Path, rows: list[dict], valid: int) -> dict[str, int]:
     """``train.jsonl`` and ``valid.jsonl`` (the last ``valid`` rows) in
     ``folder``, written atomically; returns the row counts."""
-    import json
 
     folder = Path(folder)
     cut = max(len(rows) - valid, 0)

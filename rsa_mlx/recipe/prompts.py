@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from rsa_mlx.errors import DataError, quote
+from rsa_mlx.util.errors import DataError, quote
 
 ADVBENCH_IN_PYRIT = "pyrit/datasets/seed_datasets/local/adv_bench.prompt"
 

@@ -31,13 +31,26 @@ from pathlib import Path
 
 import numpy as np
 
-from rsa_mlx import progress as bars
-from rsa_mlx.atomic import save_json, save_text
-from rsa_mlx.errors import InputError, quote
-from rsa_mlx.methods import METHODS as ALL_METHODS
-from rsa_mlx.shift import DEGENERATE_LOGPROB, fluency
+from rsa_mlx.eval.evaluate import markdown_table
+from rsa_mlx.eval.metrics import tail_metrics
+from rsa_mlx.eval.prompts import PromptRecord
+from rsa_mlx.eval.refusal import RefusalScorer
+from rsa_mlx.eval.sampling import sample_responses
+from rsa_mlx.eval.shift import DEGENERATE_LOGPROB, fluency
+from rsa_mlx.export.hf import export_model
+from rsa_mlx.io.gguf import gguf_to_hf
+from rsa_mlx.recipe.pairs import generate_pairs, write_splits
+from rsa_mlx.recipe.prompts import benign_instructions, read_harmful, split
+from rsa_mlx.study.methods import METHODS as ALL_METHODS
+from rsa_mlx.study.plot import Chart, Series, write_figure
+from rsa_mlx.tuner.config import resolve
+from rsa_mlx.tuner.model import load
+from rsa_mlx.tuner.trainer import train
+from rsa_mlx.util import progress as bars
+from rsa_mlx.util.atomic import save_json, save_text
+from rsa_mlx.util.errors import InputError, quote
 
-# What each method trains (rsa_mlx.methods); the recipe's settings apply to all.
+# What each method trains (rsa_mlx.study.methods); the recipe's settings apply to all.
 METHODS: dict[str, dict] = {name: ALL_METHODS[name] for name in ("sacpo", "rsa-cvar")}
 
 NAMES = {
@@ -95,8 +108,6 @@ def prepare_model(model: str, out: Path) -> str:
         return model
     target = out / "model"
     if not _step_done(target, "convert"):
-        from rsa_mlx.gguf import gguf_to_hf
-
         bars.echo(f"convert: {model} -> {target}")
         gguf_to_hf(model, target, dtype="float32")
     return str(target)
@@ -104,8 +115,6 @@ def prepare_model(model: str, out: Path) -> str:
 
 def prepare_data(model, tokenizer, harmful_source, out: Path, b: Budget, seed: int):
     """Prompts, held-out split and self-generated pairs in ``out/data``."""
-    from rsa_mlx.recipe.pairs import generate_pairs, write_splits
-    from rsa_mlx.recipe.prompts import benign_instructions, read_harmful, split
 
     data = out / "data"
     if _step_done(data / "pairs.json", "pairs"):
@@ -147,8 +156,6 @@ def prepare_data(model, tokenizer, harmful_source, out: Path, b: Budget, seed: i
 
 def train_methods(model_dir: str, data: Path, out: Path, b: Budget, seed: int):
     """Train every method (resuming unfinished runs); return the run folders."""
-    from rsa_mlx.config import resolve
-    from rsa_mlx.trainer import train
 
     runs = {}
     for name, method in METHODS.items():
@@ -192,7 +199,6 @@ def models_to_evaluate(model_dir: str, runs: dict) -> dict[str, dict]:
 
 def summarize(samples: list[dict]) -> dict:
     """Refusal-test summary of one model's scored samples (see module doc)."""
-    from rsa_mlx.evaluate import tail_metrics
 
     harm = [s for row in samples if row["harmful"] for s in row["scores"]]
     good = [s for row in samples if not row["harmful"] for s in row["scores"]]
@@ -223,9 +229,6 @@ def summarize(samples: list[dict]) -> dict:
 
 def evaluate_models(models: dict, data: Path, out: Path, b: Budget, seed: int):
     """Sample and score every model on the held-out prompts (cached per model)."""
-    from rsa_mlx.evaluate import PromptRecord, sample_responses
-    from rsa_mlx.model import load
-    from rsa_mlx.refusal import RefusalScorer
 
     rows = [json.loads(x) for x in (data / "eval.jsonl").read_text().splitlines()]
     records = [PromptRecord(r["prompt"], None, r) for r in rows]
@@ -272,8 +275,6 @@ COLUMNS = [
 
 
 def write_report(out: Path, results: dict, meta: dict) -> str:
-    from rsa_mlx.evaluate import markdown_table
-    from rsa_mlx.plot import Chart, Series, write_figure
 
     summaries = {NAMES[n]: r["summary"] for n, r in results.items()}
     table = markdown_table(summaries, COLUMNS)
@@ -325,7 +326,6 @@ def run(
     budget: Budget | None = None,
 ) -> dict:
     """The whole recipe (see the module docstring); returns the results."""
-    from rsa_mlx.model import load
 
     out = Path(out)
     b = budget or (QUICK if quick else Budget())
@@ -351,8 +351,6 @@ def run(
     table = write_report(out, results, meta)
     bars.echo("\n" + table)
     if export and not (out / "export-hf").exists():
-        from rsa_mlx.export import export_model
-
         export_model(out / "export-hf", model=model_dir, adapter_path=runs["rsa-cvar"])
         bars.echo(f"export: {out / 'export-hf'} (transformers can load it)")
     summary = {n: r["summary"] for n, r in results.items()}

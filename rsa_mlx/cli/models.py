@@ -1,0 +1,147 @@
+"""``rsa-mlx info``, ``convert`` and ``export``: the machine, and models in
+and out. Heavy layers are imported inside the commands, so ``rsa-mlx
+--help`` starts fast."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+import click
+import mlx.core as mx
+
+import rsa_mlx
+from rsa_mlx.cli.common import guard, model_options
+from rsa_mlx.io.formats import DTYPES, Q_MODES
+from rsa_mlx.util import blas
+
+
+@click.command()
+@click.option("--no-bench", is_flag=True, help="Skip the matmul measurement.")
+def info(no_bench: bool):
+    """Show versions, the MLX device and which BLAS MLX uses.
+
+    \b
+    Example:
+      rsa-mlx info
+    """
+    try:
+        mlx_lm_version = version("mlx-lm")
+    except PackageNotFoundError:  # pragma: no cover - odd installs
+        mlx_lm_version = "unknown"
+    click.echo(f"rsa-mlx     {rsa_mlx.__version__}")
+    click.echo(f"python      {platform.python_version()} ({sys.platform})")
+    click.echo(f"mlx         {mx.__version__}")
+    click.echo(f"mlx-lm      {mlx_lm_version}")
+    click.echo(f"device      {mx.default_device()}")
+    details = mx.device_info()  # keys differ between Metal and CPU
+    for key in ("device_name", "architecture", "memory_size"):
+        if key in details:
+            click.echo(f"  {key:12s}{details[key]}")
+    status = blas.STATUS
+    click.echo(f"openblas    {'loaded' if status.loaded else 'not loaded'}")
+    click.echo(f"  reason    {status.reason}")
+    if status.path:
+        click.echo(f"  path      {status.path}")
+    for key in sorted(k for k in os.environ if k.startswith("OPENBLAS_")):
+        click.echo(f"  env       {key}={os.environ[key]}")
+    for lib in blas.loaded_blas_libraries():
+        click.echo(f"  mapped    {lib}")
+    if not no_bench:
+        gflops = blas.measure_gflops()
+        click.echo(f"matmul      {gflops:.0f} GFLOP/s (float32 1024x1024, CPU)")
+
+
+@click.command(epilog="mlx-lm's spellings: the same flags as `mlx_lm.convert`.")
+@click.option(
+    "--hf-path",
+    "--model",
+    "hf_path",
+    required=True,
+    help="Local HF model folder, Hugging Face id (offline: from the cache), "
+    "or a .gguf file (llama, mistral, qwen2; F32/F16/BF16/Q4_0/Q4_1/Q8_0).",
+)
+@click.option(
+    "--mlx-path",
+    default="mlx_model",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Output folder (must not exist).",
+)
+@click.option("-q", "--quantize", is_flag=True, help="Quantise the weights.")
+@click.option("--q-bits", type=int, help="Bits per weight [mlx-lm default: 4].")
+@click.option("--q-group-size", type=int, help="Group size [mlx-lm default: 64].")
+@click.option(
+    "--q-mode",
+    type=click.Choice(Q_MODES),
+    default="affine",
+    show_default=True,
+    help="Quantisation mode.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPES),
+    help="Parameter dtype [default: the config's torch_dtype].",
+)
+@click.option("--revision", help="Hub revision (branch, tag or commit).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code.")
+def convert(hf_path, mlx_path, quantize, q_bits, q_group_size, q_mode, dtype, **kw):
+    """Convert a Hugging Face model to an mlx-lm folder (wraps mlx_lm.convert).
+
+    \b
+    Examples:
+      rsa-mlx convert --hf-path Qwen/Qwen2.5-0.5B-Instruct --mlx-path qwen-mlx
+      rsa-mlx convert --hf-path ./my-hf-model --mlx-path m-4bit -q --q-bits 4
+      rsa-mlx convert --hf-path ./my-hf-model --mlx-path m-f32 --dtype float32
+      rsa-mlx convert --hf-path SmolLM2-135M-Instruct.Q4_1.gguf --mlx-path smollm2
+    """
+    from rsa_mlx.io.convert import convert as run_convert  # heavy: not at --help
+
+    def run():
+        out = run_convert(
+            hf_path, mlx_path, quantize, q_bits, q_group_size, q_mode, dtype, **kw
+        )
+        click.echo(f"wrote {out}")
+
+    guard(run)
+
+
+@click.command(epilog="Exit status 2 on bad input; nothing is left half-written.")
+@model_options
+@click.option(
+    "--save-path",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Output folder (must not exist).",
+)
+@click.option(
+    "--peft", is_flag=True, help="Write the adapters alone, in PEFT's layout."
+)
+def export(model, adapter_path, merge, save_path, peft):
+    """Export to Hugging Face: a fused model folder, or a PEFT adapter.
+
+    The merged folder holds de-quantised safetensors (format pt), the config
+    without quantisation keys, the tokenizer and a model card; transformers
+    loads it. With --peft, adapter_model.safetensors + adapter_config.json
+    for `peft.PeftModel.from_pretrained(base, path)`.
+
+    \b
+    Examples:
+      rsa-mlx export --adapter-path runs/x --save-path aligned-hf
+      rsa-mlx export --adapter-path runs/x --merge 0.5 --save-path q05-hf
+      rsa-mlx export --adapter-path runs/x --peft --save-path aligned-peft
+      rsa-mlx export --model qwen-mlx --save-path qwen-hf   # no adapters
+    """
+    # the heavy layers, here so that `rsa-mlx --help` starts fast
+    from rsa_mlx.export.hf import export_model, export_peft
+    from rsa_mlx.tuner.runs import check_merge
+
+    def run():
+        check_merge(merge)
+        write = export_peft if peft else export_model
+        out = write(save_path, model=model, adapter_path=adapter_path, merge=merge)
+        click.echo(f"wrote {out}")
+
+    guard(run)

@@ -1,0 +1,149 @@
+"""Model quantities on prompts: K sampled responses per prompt (mlx-lm's
+batched generation, seeded) with the token ids sampled, and teacher-forced
+log-probabilities of given responses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.generate import batch_generate
+from mlx_lm.sample_utils import make_sampler
+
+from rsa_mlx.eval.prompts import PromptRecord, prompt_ids
+from rsa_mlx.util import progress
+from rsa_mlx.util.errors import InputError
+
+__all__ = [
+    "check_sampling",
+    "sample_responses",
+    "sample_with_ids",
+    "sequence_logprobs",
+]
+
+
+def sequence_logprobs(
+    model,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    batch_size: int = 64,
+) -> np.ndarray:
+    """``log pi(response | prompt)``, teacher-forced, one float64 per pair.
+
+    Sums float32 log-softmax values at the response tokens; padding and
+    prompt positions are never scored.
+    """
+    out = np.zeros(len(prompts), np.float64)
+    for start in range(0, len(prompts), batch_size):
+        p_batch = prompts[start : start + batch_size]
+        r_batch = responses[start : start + batch_size]
+        width = max(len(p) + len(r) for p, r in zip(p_batch, r_batch))
+        tokens = np.zeros((len(p_batch), width), np.int32)
+        targets = np.zeros((len(p_batch), width - 1), np.int32)
+        mask = np.zeros((len(p_batch), width - 1), np.float32)
+        for i, (p, r) in enumerate(zip(p_batch, r_batch)):
+            seq = list(p) + list(r)
+            tokens[i, : len(seq)] = seq
+            targets[i, : len(seq) - 1] = seq[1:]
+            mask[i, len(p) - 1 : len(seq) - 1] = 1.0
+        logits = model(mx.array(tokens[:, :-1])).astype(mx.float32)
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        picked = mx.take_along_axis(logp, mx.array(targets)[..., None], axis=-1)[..., 0]
+        total = (picked * mx.array(mask)).sum(-1)
+        out[start : start + len(p_batch)] = np.array(total, np.float64)
+    return out
+
+
+def sample_responses(
+    model,
+    tokenizer,
+    records: Sequence[PromptRecord],
+    k: int = 8,
+    max_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    label: str = "sampling",
+    prefix: str = "",
+) -> list[list[str]]:
+    """``k`` sampled responses per prompt, with mlx-lm's batch generation.
+
+    The ``len(records) * k`` generations run in batches of ``batch_size``
+    (progress is shown per batch). The random state is seeded once, so the
+    same seed gives the same samples. A ``prefix`` is put at the start of
+    every response (after the chat template's generation prompt) and the
+    model continues it; the returned texts start with it.
+    """
+    return sample_with_ids(
+        model, tokenizer, records, k, max_tokens, temperature, top_p, seed,
+        batch_size, label, prefix,
+    )[0]  # fmt: skip
+
+
+def sample_with_ids(
+    model,
+    tokenizer,
+    records: Sequence[PromptRecord],
+    k: int = 8,
+    max_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    label: str = "sampling",
+    prefix: str = "",
+) -> tuple[list[list[str]], list[list[tuple[list[int], list[int]]]]]:
+    """:func:`sample_responses`, also returning the token ids sampled.
+
+    Returns ``(texts, ids)``: ``ids[i][j] = (prompt_ids, response_ids)`` for
+    ``texts[i][j]``; the prompt ids are those the model was given (the
+    prefix's tokens included), the response ids those it generated (without
+    the end-of-sequence token that stopped it: mlx-lm does not return it).
+    """
+    check_sampling(k=k, max_tokens=max_tokens, temperature=temperature)
+    if batch_size < 1:
+        raise InputError(f"batch size must be at least 1, not {batch_size}")
+    mx.random.seed(seed)
+    start_ids = tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
+    ids = [prompt_ids(tokenizer, r) + list(start_ids) for r in records]
+    flat = [p for p in ids for _ in range(k)]
+    sampler = make_sampler(temp=temperature, top_p=top_p)
+    texts: list[str] = []
+    generated: list[list[int]] = []
+    with progress.task(label, len(flat), "responses") as bar:
+        for start in range(0, len(flat), batch_size):
+            batch = flat[start : start + batch_size]
+            result = batch_generate(
+                model,
+                tokenizer,
+                batch,
+                max_tokens=max_tokens,
+                sampler=sampler,
+                completion_batch_size=batch_size,
+                prefill_batch_size=min(batch_size, 32),
+                return_token_ids=True,
+            )
+            texts.extend(prefix + t for t in result.texts)
+            generated.extend([int(t) for t in ids] for ids in result.token_ids)
+            bar.advance(len(batch))
+    pairs = [(list(p), r) for p, r in zip(flat, generated)]
+    return (
+        [texts[i * k : (i + 1) * k] for i in range(len(records))],
+        [pairs[i * k : (i + 1) * k] for i in range(len(records))],
+    )
+
+
+def check_sampling(
+    k: int | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+) -> None:
+    """One-line errors for sampling settings that cannot work."""
+    if k is not None and k < 1:
+        raise InputError(f"-k/--samples must be at least 1, not {k}")
+    if max_tokens is not None and max_tokens < 1:
+        raise InputError(f"--max-tokens must be at least 1, not {max_tokens}")
+    if temperature is not None and not temperature >= 0:
+        raise InputError(f"the temperature must be 0 or more, not {temperature}")

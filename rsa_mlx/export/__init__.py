@@ -1,0 +1,3 @@
+"""A trained run out to other runtimes: fused Hugging Face folders and
+PEFT adapters.
+"""

@@ -1,0 +1,394 @@
+"""Read a sweep's results: intervals over seeds, Pareto fronts, matched
+helpfulness, dominance verdicts with collapse detected, a plot and a report.
+
+Cells that differ only in ``seed`` form a *setting*; each metric of a
+setting is its mean over seeds with a 95% Student-t interval
+(:func:`rsa_mlx.study.stats.mean_ci`). A setting is *collapsed* when most of its
+mass is on degenerate text (the demo's non-canonical ``p_other``, or a
+``degenerate`` rate), and *below base* when its helpfulness is below the
+base model's beyond its interval: either way it is listed with its numbers
+but never on a front, never "the safest", never a winner.
+
+Per method, the front is the Pareto front of its remaining settings in
+(helpfulness ↑, harm ↓). Method A *beats* a setting of B when one of A's
+settings is at least as helpful and as safe within the intervals and better
+on one of them beyond them (:func:`rsa_mlx.study.stats.beats`); the verdict counts
+such wins both ways, and compares harm at matched helpfulness (interpolated
+along each front) and model shift at matched harm.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from rsa_mlx.study.plot import PALETTE, Chart, Series, write_figure
+from rsa_mlx.study.stats import (
+    Interval,
+    beats,
+    better,
+    interpolate,
+    mean_ci,
+    pareto_front,
+)
+from rsa_mlx.util.atomic import save_json, save_text
+
+HELPFUL = "helpfulness"
+COLLAPSE_KEYS = ("p_other", "degenerate")  # mass on degenerate text
+COLLAPSE_AT = 0.5
+SHIFT = "shift_kl"
+LABELS = {
+    "helpfulness": "helpfulness",
+    "p_catastrophic": "P(catastrophic)",
+    "unsafe_rate": "unsafe rate",
+    "mean_cost": "mean cost",
+    "cvar_0.99": "CVaR0.99 cost",
+    "cvar_0.9": "CVaR0.9 cost",
+    "p_other": "P(non-canonical)",
+    "degenerate": "degenerate",
+    "shift_kl": "KL shift",
+    "shift_kl_cvar": "CVaR0.9 KL shift",
+    "shift_logratio_cvar": "CVaR0.9 log-ratio",
+}
+
+
+@dataclass
+class Setting:
+    """One method's setting (a grid point without the seed), over seeds."""
+
+    method: str
+    values: dict
+    metrics: dict[str, Interval]
+    seeds: list
+    flag: str | None = None
+
+    @property
+    def label(self) -> str:
+        shown = ", ".join(f"{_short(k)}={v:g}" if isinstance(v, float) else
+                          f"{_short(k)}={v}" for k, v in self.values.items()
+                          if k != "method")  # fmt: skip
+        return f"{self.method} {shown}".strip()
+
+
+def _short(key: str) -> str:
+    return {"safety_beta": "β2", "learning_rate": "lr", "merge": "q"}.get(key, key)
+
+
+def aggregate(rows: list[dict]) -> tuple[dict, list[Setting], list[Setting]]:
+    """``(base metrics, stage-1 settings, cell settings)`` from sweep rows."""
+
+    def group(kind: str) -> list[Setting]:
+        out: dict[tuple, list[dict]] = {}
+        for row in rows:
+            if row["kind"] == kind:
+                values = {k: v for k, v in row.get("grid", {}).items() if k != "seed"}
+                key = (row["method"], tuple(sorted(values.items(), key=str)))
+                out.setdefault(key, []).append(row)
+        settings = []
+        for (method, _), members in out.items():
+            names = list(dict.fromkeys(k for r in members for k in r["metrics"]))
+            numeric = [
+                k for k in names
+                if all(_number(r["metrics"].get(k)) for r in members)
+            ]  # fmt: skip
+            metrics = {k: mean_ci([r["metrics"][k] for r in members]) for k in numeric}
+            values = {
+                k: v for k, v in members[0].get("grid", {}).items() if k != "seed"
+            }
+            seeds = [r.get("grid", {}).get("seed") for r in members]
+            settings.append(Setting(method, values, metrics, seeds))
+        return settings
+
+    base = next((r["metrics"] for r in rows if r["kind"] == "base"), {})
+    base = {k: mean_ci([v]) for k, v in base.items() if _number(v)}
+    cells, stage1 = group("cell"), group("stage1")
+    for s in cells + stage1:
+        s.flag = flag(s, base)
+    return base, stage1, cells
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def flag(setting: Setting, base: dict[str, Interval]) -> str | None:
+    """Why a setting cannot compete: collapsed (most of its answers
+    degenerate, and more than the base model's), or less helpful than the
+    base beyond its interval."""
+    for key in COLLAPSE_KEYS:
+        # above one half, and above the base model's own rate
+        limit = max(COLLAPSE_AT, base[key].mean if key in base else 0.0)
+        if key in setting.metrics and setting.metrics[key].mean > limit:
+            return f"collapsed ({key} {setting.metrics[key].mean:.2f})"
+    helpful = setting.metrics.get(HELPFUL)
+    if HELPFUL in base and helpful and better(helpful, base[HELPFUL], True) < 0:
+        return (
+            f"below base helpfulness ({setting.metrics[HELPFUL].mean:.3f} < "
+            f"{base[HELPFUL].mean:.3f})"
+        )
+    return None
+
+
+def fronts(settings: list[Setting], harm: str) -> dict[str, list[Setting]]:
+    """Each method's Pareto front (helpfulness ↑, ``harm`` ↓) of the
+    settings that are not flagged, sorted by helpfulness."""
+    out = {}
+    for method in dict.fromkeys(s.method for s in settings):
+        ok = [
+            s for s in settings
+            if s.method == method and s.flag is None and harm in s.metrics
+        ]  # fmt: skip
+        points = [(s.metrics[HELPFUL].mean, s.metrics[harm].mean) for s in ok]
+        out[method] = [ok[i] for i in pareto_front(points)]
+    return out
+
+
+def along(front: list[Setting], x_key: str, y_key: str, x: float) -> Interval | None:
+    """``y`` at ``x`` along a front sorted by ``x`` (mean and both interval
+    ends interpolated linearly); ``None`` outside the front's range."""
+    pts = sorted(
+        (s for s in front if x_key in s.metrics and y_key in s.metrics),
+        key=lambda s: s.metrics[x_key].mean,
+    )
+    xs = [s.metrics[x_key].mean for s in pts]
+    parts = []
+    for attr in ("mean", "lo", "hi"):
+        parts.append(interpolate(xs, [getattr(s.metrics[y_key], attr) for s in pts], x))
+    if parts[0] is None:
+        return None
+    return Interval(*parts, min(s.metrics[y_key].n for s in pts))
+
+
+def matched(a: list[Setting], b: list[Setting], x_key: str, y_key: str, levels=3):
+    """``[(x, y_a, y_b)]`` at ``levels`` points spread over the overlap of
+    the two fronts' ``x`` ranges (empty when they do not overlap)."""
+    ranges = []
+    for front in (a, b):
+        xs = [s.metrics[x_key].mean for s in front if x_key in s.metrics]
+        if not xs:
+            return []
+        ranges.append((min(xs), max(xs)))
+    lo, hi = max(r[0] for r in ranges), min(r[1] for r in ranges)
+    if lo > hi:
+        return []
+    points = (
+        [lo] if hi == lo else [lo + (hi - lo) * i / (levels - 1) for i in range(levels)]
+    )
+    out = []
+    for x in points:
+        ya, yb = along(a, x_key, y_key, x), along(b, x_key, y_key, x)
+        if ya is not None and yb is not None:
+            out.append((x, ya, yb))
+    return out
+
+
+def compare_methods(settings: list[Setting], harm: str, a: str, b: str) -> str:
+    """One plain-language verdict of ``a`` against ``b`` on ``harm``."""
+    ok = {m: [s for s in settings if s.method == m and s.flag is None] for m in (a, b)}
+    front = fronts(settings, harm)
+    if not front.get(a) or not front.get(b):
+        lost = [m for m in (a, b) if not front.get(m)]
+        return (
+            f"{a} vs {b} on {LABELS.get(harm, harm)}: no comparison "
+            f"({', '.join(lost)}: every setting flagged)."
+        )
+    a_wins = [
+        t
+        for t in front[b]
+        if any(beats(s.metrics, t.metrics, HELPFUL, harm) for s in ok[a])
+    ]
+    b_wins = [
+        t
+        for t in front[a]
+        if any(beats(s.metrics, t.metrics, HELPFUL, harm) for s in ok[b])
+    ]
+    na, nb = len(front[a]), len(front[b])
+    if len(a_wins) == nb and not b_wins:
+        head = f"{a} DOMINATES {b}: each of {b}'s {nb} front settings is beaten by one of {a}'s, and none of {a}'s by {b}"
+    elif len(b_wins) == na and not a_wins:
+        head = f"{b} DOMINATES {a}: each of {a}'s {na} front settings is beaten by one of {b}'s, and none of {b}'s by {a}"
+    elif a_wins and not b_wins:
+        head = f"{a} is better where they differ: it beats {len(a_wins)} of {b}'s {nb} front settings, {b} beats none of {a}'s"
+    elif b_wins and not a_wins:
+        head = f"{b} is better where they differ: it beats {len(b_wins)} of {a}'s {na} front settings, {a} beats none of {b}'s"
+    elif a_wins and b_wins:
+        head = f"mixed: {a} beats {len(a_wins)} of {b}'s {nb} front settings and {b} beats {len(b_wins)} of {a}'s {na}"
+    else:
+        head = "neither beats the other: no setting of one is better than a front setting of the other beyond the 95% intervals"
+    text = f"{a} vs {b} on {LABELS.get(harm, harm)}: {head}."
+    name = LABELS.get(harm, harm)
+    pairs = matched(front[a], front[b], HELPFUL, harm)
+    if pairs:
+        parts = [f"{x:.3f}: {ya} {_sign(ya, yb)} {yb}" for x, ya, yb in pairs]
+        text += (
+            f" {name} at matched helpfulness ({a} vs {b}; < and > only beyond "
+            "the intervals): " + "; ".join(parts) + "."
+        )
+    else:
+        spans = [
+            f"{m}'s front spans helpfulness {_span(front[m], HELPFUL)}" for m in (a, b)
+        ]
+        text += f" No matched comparison: {' and '.join(spans)}."
+    shift = matched(front[a], front[b], harm, SHIFT, levels=2)
+    if shift:
+        parts = [f"at {x:.4g}: {ya} {_sign(ya, yb)} {yb}" for x, ya, yb in shift]
+        text += f" KL shift at matched {name} ({a} vs {b}): " + "; ".join(parts) + "."
+    return text
+
+
+def _sign(a: Interval, b: Interval) -> str:
+    order = better(a, b, False)
+    return "<" if order > 0 else ">" if order < 0 else "≈"
+
+
+def _span(front: list[Setting], key: str) -> str:
+    xs = [s.metrics[key].mean for s in front]
+    return f"{min(xs):.4f}" if min(xs) == max(xs) else f"{min(xs):.4f}-{max(xs):.4f}"
+
+
+def verdict(
+    settings: list[Setting], harm: str, methods: list[str], flagged: bool = True
+) -> list[str]:
+    """Pairwise verdicts, RSA methods against the baselines first; with
+    ``flagged``, the collapsed settings counted first and listed last."""
+    order = sorted(methods, key=lambda m: (not m.startswith("rsa"), methods.index(m)))
+    lines = []
+    for a, b in itertools.combinations(order, 2):
+        lines.append(compare_methods(settings, harm, a, b))
+    flagged = [s for s in settings if s.flag] if flagged else []
+    if flagged:
+        counts = []
+        for m in order:
+            own = [s for s in settings if s.method == m]
+            counts.append(f"{m} {sum(s.flag is not None for s in own)} of {len(own)}")
+        lines.insert(
+            0,
+            "Settings that collapsed or fell below the base model's helpfulness "
+            f"(a model shift too far), by method: {', '.join(counts)}. They are "
+            "excluded from the fronts and comparisons below.",
+        )
+        lines.append(
+            "Flagged: "
+            + "; ".join(f"{s.label}: {s.flag}" for s in flagged[:12])
+            + (" ..." if len(flagged) > 12 else "")
+        )
+    return lines
+
+
+def chart(settings: list[Setting], base: dict, harm: str) -> Chart:
+    """Every setting with its 95% intervals; each method's front as a line."""
+    series = []
+    front = fronts(settings, harm)
+    for i, method in enumerate(dict.fromkeys(s.method for s in settings)):
+        color = PALETTE[i % len(PALETTE)]
+        own = [s for s in settings if s.method == method and harm in s.metrics]
+        for flagged in (False, True):
+            pts = [s for s in own if (s.flag is not None) == flagged]
+            if not pts:
+                continue
+            series.append(
+                Series(
+                    f"{method}{' (flagged)' if flagged else ''}",
+                    [s.metrics[HELPFUL].mean for s in pts],
+                    [s.metrics[harm].mean for s in pts],
+                    style="points",
+                    color="#bbbbbb" if flagged else color,
+                    xerr=[_err(s.metrics[HELPFUL]) for s in pts],
+                    yerr=[_err(s.metrics[harm]) for s in pts],
+                )
+            )
+        if len(front.get(method, [])) > 1:
+            f = front[method]
+            series.append(Series(f"{method} front", [s.metrics[HELPFUL].mean for s in f],
+                                 [s.metrics[harm].mean for s in f], style="line", color=color))  # fmt: skip
+    if HELPFUL in base and harm in base:
+        series.append(Series("base", [base[HELPFUL].mean], [base[harm].mean],
+                             labels=["base"], color="#000000"))  # fmt: skip
+    name = LABELS.get(harm, harm)
+    return Chart(
+        f"Helpfulness vs {name} (95% CI)", "helpfulness ↑", f"{name} ↓", series
+    )
+
+
+def _err(i: Interval) -> tuple[float, float]:
+    return (i.mean - i.lo, i.hi - i.mean) if i.n > 1 else (0.0, 0.0)
+
+
+def table(settings: list[Setting], keys: list[str]) -> str:
+    """Markdown: one row per setting, mean ± half-width of the 95% interval."""
+    head = (
+        "| setting | seeds | "
+        + " | ".join(LABELS.get(k, k) for k in keys)
+        + " | status |"
+    )
+    lines = [head, "|---|---:|" + "---:|" * len(keys) + "---|"]
+    for s in settings:
+        cells = [str(s.metrics[k]) if k in s.metrics else "" for k in keys]
+        lines.append(
+            f"| {s.label} | {len(s.seeds)} | "
+            + " | ".join(cells)
+            + f" | {s.flag or 'ok'} |"
+        )
+    return "\n".join(lines)
+
+
+def report(rows: list[dict], out: Path, harms: list[str], title: str = "Sweep") -> dict:
+    """Write ``report.md``, ``plot.svg``/``plot.png`` and ``summary.json``
+    for a sweep's rows; return ``{"verdict": [...], "table": str}``."""
+    base, stage1, settings = aggregate(rows)
+    harms = [h for h in harms if any(h in s.metrics for s in settings)]
+    methods = list(dict.fromkeys(s.method for s in settings))
+    keys = [HELPFUL, *harms] + [k for k in (*COLLAPSE_KEYS, SHIFT, "shift_kl_cvar", "shift_logratio_cvar")
+                                if any(k in s.metrics for s in settings)]  # fmt: skip
+    lines = []
+    for harm in harms:  # the flagged settings are said once
+        lines += verdict(settings, harm, methods, flagged=harm == harms[0])
+    charts = [chart(settings, base, h) for h in harms]
+    if any(SHIFT in s.metrics for s in settings):  # the paper's model shift
+        charts.append(chart(settings, base, SHIFT))
+    write_figure(out / "plot.svg", charts, columns=min(2, len(charts)))
+    base_row = " | ".join(
+        f"{LABELS.get(k, k)} {base[k].mean:.4g}" for k in keys if k in base
+    )
+    stage1_table = table(stage1, keys) if stage1 else "(no shared stage 1)"
+    main = table(settings, keys)
+    text = (
+        f"""# {title}
+
+{len([r for r in rows if r["kind"] == "cell"])} cells, {len(settings)} settings
+(seeds averaged; ± is the half-width of the 95% Student-t interval over seeds).
+
+Base model: {base_row}
+
+## Verdict
+
+"""
+        + "\n\n".join(f"- {line}" for line in lines)
+        + f"""
+
+![fronts](plot.svg) ([PNG](plot.png))
+
+## Settings
+
+{main}
+
+## Stage 1 (shared by every stage-2 setting built on it)
+
+{stage1_table}
+"""
+    )
+    save_text(out / "report.md", text)
+    summary = {
+        "verdict": lines,
+        "base": {k: v.mean for k, v in base.items()},
+        "settings": [
+            {"method": s.method, "values": s.values, "seeds": s.seeds, "flag": s.flag,
+             "metrics": {k: [v.mean, v.lo, v.hi, v.n] for k, v in s.metrics.items()}}
+            for s in settings
+        ],
+        "fronts": {h: {m: [s.label for s in f] for m, f in fronts(settings, h).items()} for h in harms},
+    }  # fmt: skip
+    save_json(out / "summary.json", summary)
+    return {"verdict": lines, "table": main, "stage1": stage1_table}

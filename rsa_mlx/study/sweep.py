@@ -1,0 +1,234 @@
+"""Seeded sweeps: train and evaluate a grid of settings, sharing stage 1.
+
+    rsa-mlx sweep -c sweep.yaml
+    rsa-mlx sweep --model M --data D --methods sacpo,rsa-cvar \\
+        --grid safety_beta=0.1,0.05,0.025,0.01 --seeds 0,1,2 \\
+        --prompts held_out.jsonl --scorer refusal
+
+A *cell* is one full setting (method, stage-2 temperature, learning rate,
+merge ratio q, seed, ...). Cells are grouped so that expensive work is done
+once:
+
+* stage 1 does not depend on the stage-2 settings (the safety temperature
+  and data, the merge ratio): it is trained once per distinct first-stage
+  setting (:func:`stage1_key`) and copied, bit for bit, into every cell's
+  run folder (:func:`rsa_mlx.tuner.runs.start_from`);
+* the merge ratio q only scales the last stage's update, so cells that
+  differ only in q share one trained run and are evaluated with ``merge=q``.
+
+Every cell is evaluated by the same evaluator on the same prompts and
+appended to ``results.jsonl`` (and ``results.csv``) with its full settings.
+Started again on the same folder, a sweep skips the evaluated cells and
+resumes an interrupted training from its checkpoint. The base model and each
+shared stage 1 are evaluated too (rows of kind ``base`` and ``stage1``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from rsa_mlx.study.grid import SECOND_ONLY, Cell, expand
+from rsa_mlx.tuner.config import TrainConfig
+from rsa_mlx.tuner.loop import Interrupted
+from rsa_mlx.tuner.model import load
+from rsa_mlx.tuner.runs import RUN_FILE, finished, start_from
+from rsa_mlx.tuner.trainer import train
+from rsa_mlx.util import progress
+from rsa_mlx.util.atomic import save_json, save_text
+from rsa_mlx.util.errors import ConfigError, quote
+
+__all__ = ["RESULTS", "SPEC_FILE", "Sweep", "SweepInterrupted", "run_sweep"]
+
+RESULTS = "results.jsonl"
+SPEC_FILE = "sweep.json"
+
+
+@dataclass
+class Sweep:
+    """A sweep folder: where stage 1s, runs and results live."""
+
+    path: Path
+
+    def stage1_dir(self, cell: Cell) -> Path:
+        return self.path / "stage1" / cell.stage1_key
+
+    def run_dir(self, cell: Cell) -> Path:
+        return self.path / "runs" / cell.train_key
+
+    def rows(self) -> list[dict]:
+        """The evaluated rows so far (a line cut short by a kill is dropped)."""
+        path = self.path / RESULTS
+        if not path.exists():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
+
+    def append(self, row: dict) -> None:
+        rows = [r for r in self.rows() if r["id"] != row["id"]] + [row]
+        save_text(self.path / RESULTS, "".join(json.dumps(r) + "\n" for r in rows))
+        save_text(self.path / "results.csv", to_csv(rows))
+
+
+def to_csv(rows: list[dict]) -> str:
+    """One line per row: id, kind, method, the grid values, the metrics,
+    then every other setting of the cell."""
+    grid = list(dict.fromkeys(k for r in rows for k in r.get("grid", {})))
+    metrics = list(dict.fromkeys(k for r in rows for k in r["metrics"]))
+    settings = list(dict.fromkeys(k for r in rows for k in r.get("settings", {})))
+    settings = [k for k in settings if k not in grid]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["id", "kind", "method", *grid, *metrics, *settings])
+    for r in rows:
+        writer.writerow(
+            [r["id"], r["kind"], r["method"]]
+            + [r.get("grid", {}).get(k, "") for k in grid]
+            + [r["metrics"].get(k, "") for k in metrics]
+            + [_cell(r.get("settings", {}).get(k, "")) for k in settings]
+        )
+    return out.getvalue()
+
+
+def _cell(value):
+    return json.dumps(value) if isinstance(value, (dict, list)) else value
+
+
+def _train(cfg: TrainConfig, run_dir: Path, train_fn) -> None:
+    """Train ``cfg`` in ``run_dir``, or resume it there after a kill."""
+    if not finished(run_dir):
+        resume = (run_dir / RUN_FILE).exists() and (run_dir / "config.yaml").exists()
+        train_fn(replace(cfg, adapter_path=str(run_dir), resume=resume))
+
+
+def ensure_trained(sweep: Sweep, cell: Cell, train_fn) -> Path:
+    """The cell's trained run folder (training what is missing)."""
+    run_dir = sweep.run_dir(cell)
+    if finished(run_dir):
+        return run_dir
+    cfg = replace(cell.config, merge=1.0)  # q is applied at evaluation
+    if cell.stage1_key is not None and not (run_dir / RUN_FILE).exists():
+        source = sweep.stage1_dir(cell)
+        first = replace(cfg, stages=cfg.stage_names[0])
+        _train(first, source, train_fn)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        start_from(cfg, run_dir, source)
+    _train(cfg, run_dir, train_fn)
+    return run_dir
+
+
+Evaluator = Callable[..., dict]  # (model, tokenizer, label) -> {metric: float}
+
+
+class SweepInterrupted(Interrupted):
+    """A cell's training was stopped by a signal (after a checkpoint)."""
+
+    def __init__(self, stopped: Interrupted, path: Path):
+        super().__init__(
+            stopped.signum, stopped.stage, stopped.iteration, stopped.checkpoint
+        )
+        self.path = path
+
+    def __str__(self) -> str:
+        name = signal.Signals(self.signum).name
+        return (
+            f"sweep stopped by {name} in {self.run_dir} [{self.stage}] after "
+            f"iteration {self.iteration} (checkpoint saved). Run the same command "
+            f"again to continue {self.path}: finished cells are kept and this one "
+            "resumes from its checkpoint"
+        )
+
+
+def run_sweep(
+    base: dict,
+    grid: dict[str, list],
+    evaluator: Evaluator,
+    path: str | Path,
+    description: dict | None = None,
+    train_fn=None,
+) -> list[dict]:
+    """Train and evaluate every cell of ``grid`` over ``base``; return rows.
+
+    ``evaluator(model, tokenizer, label)`` returns flat metrics; it is
+    called for the base model, each shared stage 1 and every cell.
+    ``description`` (JSON) says what the evaluator is; a folder started with
+    another base, evaluator or description is refused, so results in one
+    table are comparable. The grid may grow between runs.
+    """
+    train_fn = train_fn or train
+    cells = expand(base, grid)
+    sweep = Sweep(Path(path))
+    _check_spec(sweep, base, description or {})
+    sweep.path.mkdir(parents=True, exist_ok=True)
+    save_json(
+        sweep.path / SPEC_FILE,
+        {"base": base, "evaluation": description or {}, "grid": grid},
+    )
+    done = {r["id"] for r in sweep.rows()}
+    todo = [c for c in cells if c.id not in done]
+    echo = progress.echo
+    echo(
+        f"sweep: {len(cells)} cells ({len({c.train_key for c in cells})} trainings, "
+        f"{len({c.stage1_key for c in cells} - {None})} shared stage 1s) in "
+        f"{sweep.path}; {len(cells) - len(todo)} already done"
+    )
+    model_path = cells[0].config.model
+
+    def evaluate(row: dict, adapter, merge=None) -> None:
+        tic = time.perf_counter()
+        model, tokenizer = load(model_path, adapter_path=adapter, merge=merge)
+        metrics = evaluator(model, tokenizer, row["id"])
+        sweep.append({**row, "metrics": metrics, "seconds": time.perf_counter() - tic})
+
+    if "base" not in done:
+        evaluate({"id": "base", "kind": "base", "method": "base", "grid": {}}, None)
+    with progress.task("sweep", len(todo), "cells") as bar:
+        for i, cell in enumerate(todo, 1):
+            values = ", ".join(f"{k}={v}" for k, v in cell.values)
+            echo(f"\n== sweep cell {i}/{len(todo)}: {values}")
+            try:
+                run_dir = ensure_trained(sweep, cell, train_fn)
+            except Interrupted as e:
+                raise SweepInterrupted(e, sweep.path) from None
+            key = cell.stage1_key
+            if key is not None and key not in {r["id"] for r in sweep.rows()}:
+                grid = {
+                    k: v
+                    for k, v in cell.values
+                    if k not in SECOND_ONLY[cell.config.stage_names[1]]
+                }
+                row = {"id": key, "kind": "stage1", "method": cell.method}
+                evaluate({**row, "grid": grid}, sweep.stage1_dir(cell))
+            row = {"id": cell.id, "kind": "cell", "method": cell.method}
+            row.update(grid=dict(cell.values), run=str(run_dir))
+            row["settings"] = cell.config.result_settings()
+            evaluate(row, run_dir, cell.config.merge)
+            bar.advance()
+    return list(sweep.rows())
+
+
+def _check_spec(sweep: Sweep, base: dict, description: dict) -> None:
+    path = sweep.path / SPEC_FILE
+    if not path.exists():
+        if (sweep.path / RESULTS).exists():
+            raise ConfigError(f"{quote(sweep.path)}: results without {SPEC_FILE}")
+        return
+    saved = json.loads(path.read_text())
+    same = json.loads(json.dumps({"base": base, "evaluation": description}))
+    for key in ("base", "evaluation"):
+        if saved.get(key) != same[key]:
+            raise ConfigError(
+                f"{quote(sweep.path)}: a sweep with another {key} is here; "
+                "choose another --sweep-path (the grid may grow, nothing else)"
+            )
