@@ -51,7 +51,7 @@ def _truncated_weights(z: np.ndarray, p: np.ndarray, mu: float) -> np.ndarray:
 
 
 def dense_stats(a, b, y, measure, mu):
-    """Per-position (logratio, kl, risk), written the plain way, float32."""
+    """Per-position (logratio, kl, risk, log q(y)), written the plain way."""
     lq = a - mx.logsumexp(a, axis=-1, keepdims=True)
     lp = mx.stop_gradient(b - mx.logsumexp(b, axis=-1, keepdims=True))
     p = mx.exp(lp)
@@ -66,24 +66,34 @@ def dense_stats(a, b, y, measure, mu):
         zn, pn = np.array(z, np.float64), np.array(p, np.float64)
         w = (_cvar_weights if measure == "cvar" else _truncated_weights)(zn, pn, mu)
         risk = (mx.array(w.astype(np.float32)) * z).sum(-1)
-    return logratio, mx.stop_gradient(kl), risk
+    logprob = mx.take_along_axis(lq, y[:, None], axis=-1)[:, 0]
+    return logratio, mx.stop_gradient(kl), risk, logprob
 
 
 def dense_pair_loss(logits, ref_logits, targets, segments, mask, n_seq, objective):
     dpo = objective.loss == "dpo"
     measure = "kl" if dpo else objective.risk
     mu = None if dpo else (objective.mu or DEFAULT_MU[measure])
-    lr, kl, risk = dense_stats(logits, ref_logits, targets, measure, mu)
+    lr, kl, risk, logprob = dense_stats(logits, ref_logits, targets, measure, mu)
     if dpo:
         risk = mx.stop_gradient(risk)
     member = (segments[:, None] == mx.arange(n_seq)[None, :]) & mask[:, None]
     weights = member.astype(mx.float32)
     stats = SequenceStats(
-        lr @ weights, kl @ weights, risk @ weights, member.sum(0).astype(mx.int32)
+        lr @ weights,
+        kl @ weights,
+        risk @ weights,
+        member.sum(0).astype(mx.int32),
+        logprob @ weights,
     )
     chosen, rejected = split_pairs(stats)
     return preference_loss(
-        chosen, rejected, objective.loss, objective.beta, objective.alpha
+        chosen,
+        rejected,
+        objective.loss,
+        objective.beta,
+        objective.alpha,
+        objective.sft_weight,
     )
 
 
@@ -109,12 +119,13 @@ def close(a, b, rtol=2e-4, atol=2e-5):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * scale)
 
 
+@pytest.mark.parametrize("sft_weight", [0.0, 0.7])
 @pytest.mark.parametrize("vocab", [300, 1000])
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("measure", MEASURES)
-def test_pair_loss_matches_dense(loss, measure, vocab):
+def test_pair_loss_matches_dense(loss, measure, vocab, sft_weight):
     logits, ref, targets, segments, mask = packed(vocab=vocab)
-    objective = Objective(loss, measure, beta=0.5)
+    objective = Objective(loss, measure, beta=0.5, sft_weight=sft_weight)
     args = (ref, targets, segments, mask, 4, objective)
     value, metrics = pair_loss(logits, *args)
     want, want_metrics = dense_pair_loss(logits, *args)
@@ -137,9 +148,10 @@ def tiny(tmp_path_factory):
     return root
 
 
+@pytest.mark.parametrize("sft_weight", [0.0, 1.0])
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("measure", MEASURES)
-def test_step_gradient_matches_dense(tiny, loss, measure):
+def test_step_gradient_matches_dense(tiny, loss, measure, sft_weight):
     model, tok = mlx_load(str(tiny / "model"))
     mx.random.seed(0)
     layers = adapters.add_adapter(model, adapters.LoRAConfig(num_layers=-1))
@@ -150,7 +162,7 @@ def test_step_gradient_matches_dense(tiny, loss, measure):
     pairs, _ = data.load_pairs(tiny / "data", "reward")
     batch = next(iter(data.BatchSampler(data.encode_pairs(pairs, tok, 128), 4)))
     arrays = batch.arrays()
-    objective = Objective(loss, measure, beta=0.5)
+    objective = Objective(loss, measure, beta=0.5, sft_weight=sft_weight)
     step = make_step(model, optimizer, layers, objective, max_grad_norm=None)
     metrics, grad = step(arrays, None, False)  # no update: the gradient back
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 
@@ -17,6 +18,7 @@ from mlx_lm.utils import quantize_model
 from rsa_mlx.ops.losses import LOSSES
 from rsa_mlx.ops.risk import MEASURES
 from rsa_mlx.tuner import adapters, config, data, loop, trainer
+from rsa_mlx.tuner.config import resolve
 from rsa_mlx.tuner.model import ResponseLogits, load
 from rsa_mlx.tuner.step import Objective, make_step
 from tests.tiny import pku_rows, write_jsonl, write_model
@@ -675,3 +677,77 @@ def test_model_and_data_paths_are_stored_resolved(tiny, tmp_path, monkeypatch):
     assert model is not None
     hub_id = config.resolve({"model": "org/not-a-local-folder"}).with_resolved_paths()
     assert hub_id.model == "org/not-a-local-folder"
+
+
+def numpy_adamw(grads, lrs, bias_correction, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
+    """Adam(W) written from its definition, float64: the parameter after
+    each update, for a parameter starting at 1."""
+    w, m, v, out = np.ones_like(grads[0]), 0.0, 0.0, []
+    for t, (g, lr) in enumerate(zip(grads, lrs), 1):
+        w = w - lr * wd * w
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        if bias_correction:
+            step = lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+        else:
+            step = lr * m / (np.sqrt(v) + eps)
+        w = w - step
+        out.append(w.copy())
+    return out
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_optimizer_with_and_without_bias_correction_against_numpy(bias_correction):
+    cfg = resolve(
+        {"learning_rate": 1e-2, "warmup": 2, "bias_correction": bias_correction}
+    )
+    updates = 6
+    opt = trainer.make_optimizer(cfg, updates)
+    sched = trainer.schedule(cfg, updates)
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(size=5) for _ in range(updates)]
+    lrs = [float(sched(mx.array(i))) for i in range(updates)]
+    params = {"w": mx.ones((5,))}
+    opt.init(params)
+    got = []
+    for g in grads:
+        params = opt.apply_gradients({"w": mx.array(g, mx.float32)}, params)
+        got.append(np.array(params["w"]))
+    want = numpy_adamw(grads, lrs, bias_correction)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+    # without the correction the first update is (1 - b1) / sqrt(1 - b2) =
+    # 3.16x the corrected one (the same sign of gradient everywhere)
+    first = np.abs(1.0 - got[0])
+    ratio = 3.1622776601683773 if not bias_correction else 1.0
+    np.testing.assert_allclose(first, lrs[0] * ratio, rtol=1e-3)
+
+
+def test_nll_term_moves_parameters_and_compiled_equals_eager(tiny):
+    """With --sft-weight the step still trains every parameter, compiled and
+    eager agree, and the loss is the preference loss plus the NLL term."""
+    results = {}
+    for compiled in (True, False):
+        model, tok = mlx_load(str(tiny / "model"))
+        mx.random.seed(3)
+        layers = adapters.add_adapter(model, adapters.LoRAConfig(num_layers=-1))
+        opt = optim.AdamW(learning_rate=1e-2)
+        opt.init(model.trainable_parameters())
+        pairs, _ = data.load_pairs(tiny / "data", "reward")
+        batch = next(iter(data.BatchSampler(data.encode_pairs(pairs, tok, 128), 4)))
+        objective = Objective("variant2", "cvar", 0.95, 0.1, 0.5, sft_weight=1.0)
+        step = make_step(model, opt, layers, objective, compile=compiled)
+        before = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+        metrics, _ = step(batch.arrays(), None, True)
+        mx.eval(metrics, model.parameters())
+        after = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+        assert all(
+            not np.array_equal(before[k], after[k]) for k in before if "lora_b" in k
+        )
+        results[compiled] = {k: float(v) for k, v in metrics.items()}
+    for key, value in results[True].items():
+        assert math.isclose(value, results[False][key], rel_tol=1e-4, abs_tol=1e-6), key
+    # at the first step policy == reference: the preference loss is log 2
+    assert math.isclose(
+        results[True]["loss"], math.log(2) + results[True]["nll/chosen"], rel_tol=1e-5
+    )

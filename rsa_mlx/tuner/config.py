@@ -109,6 +109,10 @@ class TrainConfig:
     )
     merge: float = setting(1.0, "Merge ratio q of the final model, W1 + q dW2.")
     length_normalize: bool = setting(False, "Divide sequence sums by response length.")
+    sft_weight: float = setting(
+        0.0,
+        "Weight of an NLL term on the chosen answer, per token (RPO); 0: none.",
+    )
     # LoRA (mlx-lm spellings; --lora-* flags fill lora_parameters)
     num_layers: int = setting(_LORA.num_layers, "Blocks to adapt, -1 for all.")
     lora_parameters: dict = setting(
@@ -126,6 +130,11 @@ class TrainConfig:
         0.1, "Linear warm-up: a fraction of the updates if < 1, else updates."
     )
     weight_decay: float = setting(0.0, "AdamW weight decay.")
+    bias_correction: bool = setting(
+        False,
+        "Adam's bias correction, as torch and TRL do; off is mlx-lm's default, "
+        "where early updates are 3-6x larger at the same learning rate.",
+    )
     max_grad_norm: float = setting(1.0, "Gradient clipping norm; 0: none.")
     max_seq_length: int = setting(1024, "Longest prompt + response in tokens.")
     grad_checkpoint: bool = setting(
@@ -229,7 +238,7 @@ class TrainConfig:
             _positive(key, getattr(self, key))
         for key in ("learning_rate", "max_seq_length", "steps_per_report"):
             _positive(key, getattr(self, key))
-        for key in ("alpha", "weight_decay", "max_grad_norm", "warmup"):
+        for key in ("alpha", "weight_decay", "max_grad_norm", "warmup", "sft_weight"):
             _at_least(key, getattr(self, key), 0)
         for key in ("steps_per_eval", "save_every"):
             _at_least(key, getattr(self, key), 0)

@@ -41,6 +41,7 @@ class Objective:
     beta: float = DEFAULT_BETA
     alpha: float = DEFAULT_ALPHA
     length_normalize: bool = False
+    sft_weight: float = 0.0  # NLL term on the chosen answer (RPO)
 
 
 def pair_loss(logits, ref_logits, targets, segments, mask, num_sequences, objective):
@@ -68,7 +69,12 @@ def pair_loss(logits, ref_logits, targets, segments, mask, num_sequences, object
     )
     chosen, rejected = split_pairs(stats)
     return preference_loss(
-        chosen, rejected, objective.loss, objective.beta, objective.alpha
+        chosen,
+        rejected,
+        objective.loss,
+        objective.beta,
+        objective.alpha,
+        objective.sft_weight,
     )
 
 

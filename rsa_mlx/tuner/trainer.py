@@ -71,6 +71,24 @@ def schedule(cfg: TrainConfig, updates: int):
     return optim.join_schedules([ramp, cosine], [warmup])
 
 
+def make_optimizer(cfg: TrainConfig, updates: int) -> optim.AdamW:
+    """AdamW with the warm-up + cosine :func:`schedule` over ``updates``.
+
+    With ``bias_correction`` the update is torch's (and TRL's):
+    ``lr * m_hat / (sqrt(v_hat) + eps)`` with ``m_hat = m / (1 - b1^t)`` and
+    ``v_hat = v / (1 - b2^t)``; without it (mlx-lm's default) it is
+    ``lr * m / (sqrt(v) + eps)``, ``(1 - b1^t) / sqrt(1 - b2^t)`` times the
+    corrected update: 3.2x at t = 1, 6.5x at t = 10, 2.8x at t = 138 for the
+    default betas. Over a short alignment run a learning rate therefore
+    means 3-6x more without the correction than in torch or a paper.
+    """
+    return optim.AdamW(
+        learning_rate=schedule(cfg, updates),
+        weight_decay=cfg.weight_decay,
+        bias_correction=cfg.bias_correction,
+    )
+
+
 def _grad_checkpoint(model: nn.Module) -> None:
     """mlx-lm's class-wide checkpointing, applied at most once per class."""
 
@@ -160,7 +178,9 @@ def train_stage(
     accum = cfg.grad_accumulation_steps
     beta = cfg.stage_beta(stage)
     mu = resolve_mu(cfg.risk, cfg.mu)
-    objective = Objective(cfg.loss, cfg.risk, mu, beta, cfg.alpha, cfg.length_normalize)
+    objective = Objective(
+        cfg.loss, cfg.risk, mu, beta, cfg.alpha, cfg.length_normalize, cfg.sft_weight
+    )
     lora = cfg.lora
     extra = {
         "stage": stage,
@@ -179,9 +199,7 @@ def train_stage(
     layers = adapters.add_adapter(model, lora)
     if cfg.grad_checkpoint:
         _grad_checkpoint(model)
-    optimizer = optim.AdamW(
-        learning_rate=schedule(cfg, iters // accum), weight_decay=cfg.weight_decay
-    )
+    optimizer = make_optimizer(cfg, iters // accum)
     optimizer.init(model.trainable_parameters())
     digest = config_hash(cfg, stage)
     world = dist.world_size()
