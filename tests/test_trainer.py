@@ -17,7 +17,9 @@ from mlx_lm.utils import quantize_model
 from rsa_mlx.ops.losses import LOSSES
 from rsa_mlx.ops.risk import MEASURES
 from rsa_mlx.tuner import adapters, config, data, loop, trainer
+from rsa_mlx.tuner.checkpoint import Progress
 from rsa_mlx.tuner.model import ResponseLogits, load
+from rsa_mlx.tuner.stage import schedule, train_mode, validate
 from rsa_mlx.tuner.step import Objective, make_step
 from tests.tiny import pku_rows, write_jsonl, write_model
 
@@ -331,7 +333,7 @@ def test_loop_stops_on_non_finite_loss_and_keeps_last_good_checkpoint():
         loss = mx.array(float("nan") if len(calls) == 5 else 0.5)
         return {"loss": loss, "accuracy": mx.array(1.0), "margins": mx.array(0.0)}, None
 
-    progress = trainer.Progress()
+    progress = Progress()
     plan = loop.Plan("reward", iters=8, steps_per_report=1, save_every=2)
     with pytest.raises(
         trainer.TrainingError, match="NaN or infinite at iteration 5"
@@ -357,7 +359,7 @@ def test_loop_checks_the_parameters_before_each_checkpoint():
     def step(arrays, grad, do_update):
         return {"loss": mx.array(0.5)}, None
 
-    progress = trainer.Progress()
+    progress = Progress()
     plan = loop.Plan("safety", iters=8, steps_per_report=100, save_every=2)
     with pytest.raises(trainer.TrainingError, match="at iteration 4") as err:
         loop.loop(
@@ -540,7 +542,7 @@ def test_stage2_reference_has_no_dropout_in_the_frozen_stage1_adapter(tiny):
     model.eval()
     stage1_policy = np.array(forward(tokens, index))
     stage2 = adapters.add_adapter(model, lora)
-    trainer.train_mode(model, stage1)
+    train_mode(model, stage1)
     assert all(m.training for m in stage2) and not any(m.training for m in stage1)
     for _ in range(2):  # a fresh dropout mask would differ every call
         with adapters.disabled(stage2):
@@ -595,10 +597,10 @@ def test_val_batches_limits_validation_and_zero_turns_it_off(tiny, tmp_path):
         calls.append(1)
         return {"loss": mx.array(1.0)}
 
-    trainer.validate(evaluate, sampler, 3)
+    validate(evaluate, sampler, 3)
     assert len(calls) == 3
     calls.clear()
-    trainer.validate(evaluate, sampler, -1)
+    validate(evaluate, sampler, -1)
     assert len(calls) == len(sampler) == 8
     run_dir = tmp_path / "run"
     run = trainer.train(cfg_for(tiny, run_dir, stages="reward", val_batches=0))
@@ -610,7 +612,7 @@ def test_val_batches_limits_validation_and_zero_turns_it_off(tiny, tmp_path):
 
 def test_warmup_then_cosine_schedule():
     cfg = config.resolve({"learning_rate": 1e-3, "warmup": 4})
-    lr = trainer.schedule(cfg, 20)
+    lr = schedule(cfg, 20)
     values = [lr(mx.array(i)).item() for i in range(21)]
     assert values[0] == pytest.approx(1e-3 / 4)
     # a linear ramp from lr/4 reaches the peak at update 4, then cosine decay
@@ -620,9 +622,9 @@ def test_warmup_then_cosine_schedule():
     assert values[20] == pytest.approx(0.0, abs=1e-9)
     assert values[:4] == sorted(values[:4]) and values[4:] == sorted(values[4:])[::-1]
     # a fraction of the updates; 0 means no warm-up
-    frac = trainer.schedule(config.resolve({"learning_rate": 1e-3, "warmup": 0.25}), 20)
+    frac = schedule(config.resolve({"learning_rate": 1e-3, "warmup": 0.25}), 20)
     assert frac(mx.array(0)).item() == pytest.approx(1e-3 / 5)
-    none = trainer.schedule(config.resolve({"learning_rate": 1e-3, "warmup": 0}), 20)
+    none = schedule(config.resolve({"learning_rate": 1e-3, "warmup": 0}), 20)
     assert none(mx.array(0)).item() == pytest.approx(1e-3)
 
 
