@@ -468,6 +468,34 @@ def test_resume_with_other_settings_is_refused_before_anything_is_written(
     )
 
 
+class Lines(trainer.Reporter):
+    def __init__(self, run_dir):
+        super().__init__(run_dir)
+        self.lines = []
+
+    def note(self, text):
+        self.lines.append(text)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "variant2"])
+def test_a_run_reports_risk_only_where_its_loss_has_one(tiny, tmp_path, loss):
+    """DPO's KL monitor is ``kl`` only, in metrics.jsonl, run.json and the
+    progress lines; a variant2 run also reports its risk (here CVaR)."""
+    run_dir = tmp_path / "run"
+    lines = Lines(run_dir)
+    cfg = cfg_for(tiny, run_dir, stages="reward", iters=2, loss=loss, risk="cvar")
+    stage = trainer.train(cfg, lines)["stages"][0]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in rows} == {"train", "val"}
+    has_risk = loss != "dpo"
+    for row in [*rows, stage["train"], stage["valid"]]:
+        assert {"kl", "kl/chosen", "kl/rejected"} <= set(row)
+        assert any(k.startswith("risk") for k in row) == has_risk, row
+    progress = [x for x in lines.lines if " it " in x or " val " in x]
+    assert len(progress) == 3  # two iterations and the validation
+    assert all(("| risk " in x) == has_risk for x in progress), progress
+
+
 # ------------------------------------------------------------------- config
 
 
@@ -597,10 +625,10 @@ def test_val_batches_limits_validation_and_zero_turns_it_off(tiny, tmp_path):
         calls.append(1)
         return {"loss": mx.array(1.0)}
 
-    validate(evaluate, sampler, 3)
+    validate(evaluate, sampler, 3, ["loss"])
     assert len(calls) == 3
     calls.clear()
-    validate(evaluate, sampler, -1)
+    validate(evaluate, sampler, -1, ["loss"])
     assert len(calls) == len(sampler) == 8
     run_dir = tmp_path / "run"
     run = trainer.train(cfg_for(tiny, run_dir, stages="reward", val_batches=0))

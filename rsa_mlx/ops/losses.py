@@ -31,6 +31,7 @@ __all__ = [
     "METRIC_KEYS",
     "check_loss",
     "loss_logits",
+    "metric_keys",
     "preference_loss",
     "split_pairs",
 ]
@@ -81,10 +82,13 @@ def preference_loss(
 
     * ``loss``; ``accuracy``: fraction of pairs with ``z > 0``;
     * ``rewards/chosen|rejected``: ``beta m``; ``margins``: ``beta u``;
-    * ``risk/chosen|rejected``: ``D``; ``kl/chosen|rejected``: sequential KL;
+    * ``risk/chosen|rejected``: ``D``, the risk the loss uses (variant1 and
+      variant2 only: DPO's loss has none, so it reports none);
+    * ``kl/chosen|rejected``: the sequential KL, the monitor of every loss;
     * ``ntokens/chosen|rejected``: response tokens per sequence.
 
-    ``beta`` is the stage's temperature (stage 2: ``beta / lambda``).
+    The keys, in order, are :func:`metric_keys` of ``loss``. ``beta`` is the
+    stage's temperature (stage 2: ``beta / lambda``).
     """
     z = loss_logits(chosen, rejected, loss, beta, alpha)
     losses = mx.logaddexp(0.0, -z)  # -log sigmoid(z), stable for large |z|
@@ -96,17 +100,22 @@ def preference_loss(
         "rewards/chosen": reward_w.mean(),
         "rewards/rejected": reward_l.mean(),
         "margins": (reward_w - reward_l).mean(),
-        "risk/chosen": chosen.risk.mean(),
-        "risk/rejected": rejected.risk.mean(),
-        "kl/chosen": chosen.kl.mean(),
-        "kl/rejected": rejected.kl.mean(),
-        "ntokens/chosen": chosen.ntokens.astype(mx.float32).mean(),
-        "ntokens/rejected": rejected.ntokens.astype(mx.float32).mean(),
     }
+    if loss != "dpo":  # only a loss with a risk term reports the risk
+        metrics["risk/chosen"] = chosen.risk.mean()
+        metrics["risk/rejected"] = rejected.risk.mean()
+    metrics.update(
+        {
+            "kl/chosen": chosen.kl.mean(),
+            "kl/rejected": rejected.kl.mean(),
+            "ntokens/chosen": chosen.ntokens.astype(mx.float32).mean(),
+            "ntokens/rejected": rejected.ntokens.astype(mx.float32).mean(),
+        }
+    )
     return mean, {k: mx.stop_gradient(v) for k, v in metrics.items()}
 
 
-# The metrics of :func:`preference_loss`, in its order.
+# Every metric of :func:`preference_loss`, in its order (see metric_keys).
 METRIC_KEYS = (
     "loss",
     "accuracy",
@@ -120,6 +129,14 @@ METRIC_KEYS = (
     "ntokens/chosen",
     "ntokens/rejected",
 )
+
+
+def metric_keys(loss: str) -> tuple[str, ...]:
+    """The metrics :func:`preference_loss` reports for ``loss``, in order:
+    all of :data:`METRIC_KEYS`, except ``risk/*`` for DPO (no risk term)."""
+    check_loss(loss)
+    risk = loss != "dpo"
+    return tuple(k for k in METRIC_KEYS if risk or not k.startswith("risk/"))
 
 
 def split_pairs(stats: SequenceStats) -> tuple[SequenceStats, SequenceStats]:

@@ -119,7 +119,7 @@ class Reporter:
         self.note(
             f"[{stage}] it {m['iteration']:>5d}/{m['iters']} | loss {m['loss']:.4f} "
             f"| acc {m['accuracy']:.2f} | margin {m['margins']:+.4f} "
-            f"| kl {m['kl']:.4f} | risk {m['risk']:.4f} | lr {m['learning_rate']:.2e} "
+            f"| kl {m['kl']:.4f}{_risk(m)} | lr {m['learning_rate']:.2e} "
             f"| {m['iterations_per_second']:.2f} it/s | {m['tokens_per_second']:.0f} tok/s "
             f"| peak {m['peak_memory']:.2f} GB"
             + (f" | eta {bars._format_seconds(eta)}" if eta else "")
@@ -134,7 +134,7 @@ class Reporter:
         self.note(
             f"[{stage}] val {info['iteration']:>5d} | loss {info['loss']:.4f} "
             f"| acc {info['accuracy']:.2f} | margin {info['margins']:+.4f} "
-            f"| kl {info['kl']:.4f} | risk {info['risk']:.4f} ({info['seconds']:.1f}s)"
+            f"| kl {info['kl']:.4f}{_risk(info)} ({info['seconds']:.1f}s)"
         )
         if self.callback is not None:
             self.callback.on_val_loss_report(
@@ -168,11 +168,17 @@ class SilentReporter(Reporter):
 
 
 def summarize(sums: dict[str, float], pairs: int) -> dict[str, float]:
-    """Per-pair means from pair-weighted sums, with chosen/rejected averaged."""
+    """Per-pair means from pair-weighted sums, with chosen/rejected averaged
+    (``risk`` only where the step computed the risk: not for DPO)."""
     mean = {k: v / max(pairs, 1) for k, v in sums.items()}
     mean["kl"] = 0.5 * (mean.get("kl/chosen", 0.0) + mean.get("kl/rejected", 0.0))
-    mean["risk"] = 0.5 * (mean.get("risk/chosen", 0.0) + mean.get("risk/rejected", 0.0))
+    if "risk/chosen" in mean:
+        mean["risk"] = 0.5 * (mean["risk/chosen"] + mean["risk/rejected"])
     return mean
+
+
+def _risk(m: dict) -> str:
+    return f" | risk {m['risk']:.4f}" if "risk" in m else ""
 
 
 @dataclass

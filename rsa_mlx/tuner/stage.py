@@ -21,7 +21,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.trainer import grad_checkpoint
 
-from rsa_mlx.ops.losses import METRIC_KEYS
+from rsa_mlx.ops.losses import metric_keys
 from rsa_mlx.ops.risk import resolve_mu
 from rsa_mlx.tuner import adapters
 from rsa_mlx.tuner import distributed as dist
@@ -222,9 +222,12 @@ def describe(cfg: TrainConfig, spec: StageSpec, model: nn.Module) -> str:
     )
 
 
-def validate(evaluate: Callable, sampler: BatchSampler, max_batches: int) -> dict:
+def validate(
+    evaluate: Callable, sampler: BatchSampler, max_batches: int, keys: Iterable[str]
+) -> dict:
     """Per-pair means of the step's metrics over the validation batches
-    (over the whole process group: each rank evaluates its shards)."""
+    (over the whole process group: each rank evaluates its shards).
+    ``keys`` are the names of the metrics ``evaluate`` returns."""
     total = len(sampler) if max_batches < 0 else min(max_batches, len(sampler))
     sums, pairs = {}, 0
     with bars.task("val", total, "batches", quiet=True) as bar:
@@ -237,7 +240,7 @@ def validate(evaluate: Callable, sampler: BatchSampler, max_batches: int) -> dic
                 pairs += batch.pairs
             bar.advance()
     if dist.world_size() > 1:  # a rank may have seen no pairs: use known keys
-        keys = sorted(set(sums) | set(METRIC_KEYS))
+        keys = sorted(set(sums) | set(keys))
         values = dist.sum_values([sums.get(k, 0.0) for k in keys] + [pairs])
         sums, pairs = dict(zip(keys, values[:-1])), round(values[-1])
     return summarize(sums, pairs)
@@ -263,7 +266,8 @@ class StageHooks:
             return {}
         self.model.eval()
         tic = time.perf_counter()
-        info = validate(self.evaluate, self.data.valid, self.cfg.val_batches)
+        keys = metric_keys(self.spec.objective.loss)
+        info = validate(self.evaluate, self.data.valid, self.cfg.val_batches, keys)
         train_mode(self.model, self.frozen)
         info.update(iteration=it, seconds=time.perf_counter() - tic)
         self.reporter.val(self.spec.name, info)
