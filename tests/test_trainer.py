@@ -17,9 +17,11 @@ from mlx_lm.utils import quantize_model
 
 from rsa_mlx.ops.losses import LOSSES
 from rsa_mlx.ops.risk import MEASURES
-from rsa_mlx.tuner import adapters, config, data, loop, trainer
+from rsa_mlx.tuner import adapters, config, data, loop, stage, trainer
+from rsa_mlx.tuner.checkpoint import Progress
 from rsa_mlx.tuner.config import resolve
 from rsa_mlx.tuner.model import ResponseLogits, load
+from rsa_mlx.tuner.stage import schedule, train_mode, validate
 from rsa_mlx.tuner.step import Objective, make_step
 from tests.tiny import pku_rows, write_jsonl, write_model
 
@@ -333,7 +335,7 @@ def test_loop_stops_on_non_finite_loss_and_keeps_last_good_checkpoint():
         loss = mx.array(float("nan") if len(calls) == 5 else 0.5)
         return {"loss": loss, "accuracy": mx.array(1.0), "margins": mx.array(0.0)}, None
 
-    progress = trainer.Progress()
+    progress = Progress()
     plan = loop.Plan("reward", iters=8, steps_per_report=1, save_every=2)
     with pytest.raises(
         trainer.TrainingError, match="NaN or infinite at iteration 5"
@@ -359,7 +361,7 @@ def test_loop_checks_the_parameters_before_each_checkpoint():
     def step(arrays, grad, do_update):
         return {"loss": mx.array(0.5)}, None
 
-    progress = trainer.Progress()
+    progress = Progress()
     plan = loop.Plan("safety", iters=8, steps_per_report=100, save_every=2)
     with pytest.raises(trainer.TrainingError, match="at iteration 4") as err:
         loop.loop(
@@ -468,6 +470,34 @@ def test_resume_with_other_settings_is_refused_before_anything_is_written(
     )
 
 
+class Lines(trainer.Reporter):
+    def __init__(self, run_dir):
+        super().__init__(run_dir)
+        self.lines = []
+
+    def note(self, text):
+        self.lines.append(text)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "variant2"])
+def test_a_run_reports_risk_only_where_its_loss_has_one(tiny, tmp_path, loss):
+    """DPO's KL monitor is ``kl`` only, in metrics.jsonl, run.json and the
+    progress lines; a variant2 run also reports its risk (here CVaR)."""
+    run_dir = tmp_path / "run"
+    lines = Lines(run_dir)
+    cfg = cfg_for(tiny, run_dir, stages="reward", iters=2, loss=loss, risk="cvar")
+    stage = trainer.train(cfg, lines)["stages"][0]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in rows} == {"train", "val"}
+    has_risk = loss != "dpo"
+    for row in [*rows, stage["train"], stage["valid"]]:
+        assert {"kl", "kl/chosen", "kl/rejected"} <= set(row)
+        assert any(k.startswith("risk") for k in row) == has_risk, row
+    progress = [x for x in lines.lines if " it " in x or " val " in x]
+    assert len(progress) == 3  # two iterations and the validation
+    assert all(("| risk " in x) == has_risk for x in progress), progress
+
+
 # ------------------------------------------------------------------- config
 
 
@@ -542,7 +572,7 @@ def test_stage2_reference_has_no_dropout_in_the_frozen_stage1_adapter(tiny):
     model.eval()
     stage1_policy = np.array(forward(tokens, index))
     stage2 = adapters.add_adapter(model, lora)
-    trainer.train_mode(model, stage1)
+    train_mode(model, stage1)
     assert all(m.training for m in stage2) and not any(m.training for m in stage1)
     for _ in range(2):  # a fresh dropout mask would differ every call
         with adapters.disabled(stage2):
@@ -597,10 +627,10 @@ def test_val_batches_limits_validation_and_zero_turns_it_off(tiny, tmp_path):
         calls.append(1)
         return {"loss": mx.array(1.0)}
 
-    trainer.validate(evaluate, sampler, 3)
+    validate(evaluate, sampler, 3, ["loss"])
     assert len(calls) == 3
     calls.clear()
-    trainer.validate(evaluate, sampler, -1)
+    validate(evaluate, sampler, -1, ["loss"])
     assert len(calls) == len(sampler) == 8
     run_dir = tmp_path / "run"
     run = trainer.train(cfg_for(tiny, run_dir, stages="reward", val_batches=0))
@@ -612,7 +642,7 @@ def test_val_batches_limits_validation_and_zero_turns_it_off(tiny, tmp_path):
 
 def test_warmup_then_cosine_schedule():
     cfg = config.resolve({"learning_rate": 1e-3, "warmup": 4})
-    lr = trainer.schedule(cfg, 20)
+    lr = schedule(cfg, 20)
     values = [lr(mx.array(i)).item() for i in range(21)]
     assert values[0] == pytest.approx(1e-3 / 4)
     # a linear ramp from lr/4 reaches the peak at update 4, then cosine decay
@@ -622,9 +652,9 @@ def test_warmup_then_cosine_schedule():
     assert values[20] == pytest.approx(0.0, abs=1e-9)
     assert values[:4] == sorted(values[:4]) and values[4:] == sorted(values[4:])[::-1]
     # a fraction of the updates; 0 means no warm-up
-    frac = trainer.schedule(config.resolve({"learning_rate": 1e-3, "warmup": 0.25}), 20)
+    frac = schedule(config.resolve({"learning_rate": 1e-3, "warmup": 0.25}), 20)
     assert frac(mx.array(0)).item() == pytest.approx(1e-3 / 5)
-    none = trainer.schedule(config.resolve({"learning_rate": 1e-3, "warmup": 0}), 20)
+    none = schedule(config.resolve({"learning_rate": 1e-3, "warmup": 0}), 20)
     assert none(mx.array(0)).item() == pytest.approx(1e-3)
 
 
@@ -702,8 +732,8 @@ def test_optimizer_with_and_without_bias_correction_against_numpy(bias_correctio
         {"learning_rate": 1e-2, "warmup": 2, "bias_correction": bias_correction}
     )
     updates = 6
-    opt = trainer.make_optimizer(cfg, updates)
-    sched = trainer.schedule(cfg, updates)
+    opt = stage.adamw(cfg, updates)
+    sched = schedule(cfg, updates)
     rng = np.random.default_rng(0)
     grads = [rng.normal(size=5) for _ in range(updates)]
     lrs = [float(sched(mx.array(i))) for i in range(updates)]

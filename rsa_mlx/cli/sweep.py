@@ -26,8 +26,8 @@ import click
 from rsa_mlx.cli.common import guard
 from rsa_mlx.study.grid import expand, parse_grid
 from rsa_mlx.study.methods import parse_methods
-from rsa_mlx.tuner.config import read_yaml
 from rsa_mlx.util.errors import ConfigError
+from rsa_mlx.util.yaml_config import read_yaml
 
 DEFAULT_HARMS = ("unsafe_rate", "cvar_0.99", "mean_cost")
 

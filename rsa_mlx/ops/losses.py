@@ -41,6 +41,7 @@ __all__ = [
     "check_loss",
     "chosen_nll",
     "loss_logits",
+    "metric_keys",
     "preference_loss",
     "split_pairs",
 ]
@@ -102,11 +103,14 @@ def preference_loss(
 
     * ``loss``; ``accuracy``: fraction of pairs with ``z > 0``;
     * ``rewards/chosen|rejected``: ``beta m``; ``margins``: ``beta u``;
-    * ``risk/chosen|rejected``: ``D``; ``kl/chosen|rejected``: sequential KL;
+    * ``risk/chosen|rejected``: ``D``, the risk the loss uses (variant1 and
+      variant2 only: DPO's loss has none, so it reports none);
+    * ``kl/chosen|rejected``: the sequential KL, the monitor of every loss;
     * ``ntokens/chosen|rejected``: response tokens per sequence;
     * ``nll/chosen``: the chosen answers' NLL per token (always reported).
 
-    ``beta`` is the stage's temperature (stage 2: ``beta / lambda``).
+    The keys, in order, are :func:`metric_keys` of ``loss``. ``beta`` is the
+    stage's temperature (stage 2: ``beta / lambda``).
     """
     z = loss_logits(chosen, rejected, loss, beta, alpha)
     losses = mx.logaddexp(0.0, -z)  # -log sigmoid(z), stable for large |z|
@@ -124,18 +128,23 @@ def preference_loss(
         "rewards/chosen": reward_w.mean(),
         "rewards/rejected": reward_l.mean(),
         "margins": (reward_w - reward_l).mean(),
-        "risk/chosen": chosen.risk.mean(),
-        "risk/rejected": rejected.risk.mean(),
-        "kl/chosen": chosen.kl.mean(),
-        "kl/rejected": rejected.kl.mean(),
-        "ntokens/chosen": chosen.ntokens.astype(mx.float32).mean(),
-        "ntokens/rejected": rejected.ntokens.astype(mx.float32).mean(),
-        "nll/chosen": nll.mean(),
     }
+    if loss != "dpo":  # only a loss with a risk term reports the risk
+        metrics["risk/chosen"] = chosen.risk.mean()
+        metrics["risk/rejected"] = rejected.risk.mean()
+    metrics.update(
+        {
+            "kl/chosen": chosen.kl.mean(),
+            "kl/rejected": rejected.kl.mean(),
+            "ntokens/chosen": chosen.ntokens.astype(mx.float32).mean(),
+            "ntokens/rejected": rejected.ntokens.astype(mx.float32).mean(),
+            "nll/chosen": nll.mean(),
+        }
+    )
     return mean, {k: mx.stop_gradient(v) for k, v in metrics.items()}
 
 
-# The metrics of :func:`preference_loss`, in its order.
+# Every metric of :func:`preference_loss`, in its order (see metric_keys).
 METRIC_KEYS = (
     "loss",
     "accuracy",
@@ -150,6 +159,14 @@ METRIC_KEYS = (
     "ntokens/rejected",
     "nll/chosen",
 )
+
+
+def metric_keys(loss: str) -> tuple[str, ...]:
+    """The metrics :func:`preference_loss` reports for ``loss``, in order:
+    all of :data:`METRIC_KEYS`, except ``risk/*`` for DPO (no risk term)."""
+    check_loss(loss)
+    risk = loss != "dpo"
+    return tuple(k for k in METRIC_KEYS if risk or not k.startswith("risk/"))
 
 
 def split_pairs(stats: SequenceStats) -> tuple[SequenceStats, SequenceStats]:

@@ -11,8 +11,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from rsa_mlx.study.methods import parse_methods
-from rsa_mlx.tuner.config import read_yaml, setting
+from rsa_mlx.tuner.config import setting
 from rsa_mlx.util.errors import ConfigError
+from rsa_mlx.util.yaml_config import read_yaml
 
 __all__ = ["QUICK", "RecipeConfig", "resolve_recipe"]
 

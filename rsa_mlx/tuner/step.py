@@ -48,11 +48,11 @@ def pair_loss(logits, ref_logits, targets, segments, mask, num_sequences, object
     """Mean preference loss and metrics of a ``[chosen; rejected]`` batch
     whose scored positions are packed (see :class:`rsa_mlx.tuner.data.Batch`).
 
-    DPO's loss has no risk term, so its step does not spend vocabulary
-    passes on one: it reports ``risk/*`` as the sequential KL (the
-    regulariser DPO's reference term stands for), whatever ``risk`` says.
-    A tail measure only a metric would show costs as much as RSA's risk
-    (CVaR's exact threshold alone is 32 passes over the vocabulary).
+    DPO's loss has no risk term, so its step computes none (a tail measure
+    only a metric would show costs as much as RSA's risk: CVaR's exact
+    threshold alone is 32 passes over the vocabulary) and reports none: its
+    metrics have the sequential KL as ``kl/*`` and no ``risk/*``, whatever
+    ``risk`` says.
     """
     dpo = objective.loss == "dpo"
     stats = segment_stats(
