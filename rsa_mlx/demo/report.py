@@ -300,11 +300,26 @@ def write_report(
     quick: bool,
     seed: int = 0,
 ) -> dict:
+    """Write ``report.md`` and ``plot.svg``/``plot.png``; return the exact
+    table and the verdict."""
     exact = {_label(n): r["exact"] for n, r in results.items()}
     sampled = {_label(n): r["sampled"] for n, r in results.items()}
     table = markdown_table(exact, EXACT_COLUMNS)
-    sampled_table = markdown_table(sampled, SAMPLED_COLUMNS)
-    charts = [
+    write_figure(out / "plot.svg", charts(results, runs), columns=2)  # and plot.png
+    text = verdict(results, seed)
+    report = (
+        _intro(runs, budget, seconds, quick)
+        + _results(table, text, kinds_table(results))
+        + _sampled(markdown_table(sampled, SAMPLED_COLUMNS), budget)
+        + _training(stages_table(runs))
+    )
+    save_text(out / "report.md", report)
+    return {"table": table, "verdict": text}
+
+
+def charts(results: dict, runs: dict) -> list[Chart]:
+    """The report's figure: helpfulness against both harms, and the losses."""
+    return [
         tradeoff_chart(results, "p_catastrophic", "P(catastrophic answer)"),
         tradeoff_chart(results, "mean_cost", "mean cost"),
         Chart(
@@ -314,42 +329,44 @@ def write_report(
             training_curves(runs),
         ),
     ]
-    write_figure(out / "plot.svg", charts, columns=2)  # and plot.png
-    text = verdict(results, seed)
-    bullets = "\n".join(f"- {line}" for line in text.splitlines())
-    harmful_rows = {
-        _label(n): dict(r["kinds"]["harmful"].items()) for n, r in results.items()
-    }
-    kind_names = [k.name for k in world.KINDS if k.harmful_request] + ["other"]
-    kinds_table = (
-        "| model | " + " | ".join(kind_names) + " |\n|---|" + "---:|" * len(kind_names)
-    )
-    for name, row in harmful_rows.items():
-        kinds_table += (
-            "\n| "
-            + name
-            + " | "
-            + " | ".join(f"{row.get(k, 0.0):.3f}" for k in kind_names)
-            + " |"
-        )
-    stages = []
+
+
+def kinds_table(results: dict) -> str:
+    """Markdown: each model's probability of each kind of answer to a
+    harmful request."""
+    names = [k.name for k in world.KINDS if k.harmful_request] + ["other"]
+    lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for name, r in results.items():
+        row = r["kinds"]["harmful"]
+        cells = " | ".join(f"{row.get(k, 0.0):.3f}" for k in names)
+        lines.append(f"| {_label(name)} | {cells} |")
+    return "\n".join(lines)
+
+
+def stages_table(runs: dict) -> list[str]:
+    """Markdown rows: each method's stages as trained, with their last
+    training loss and accuracy."""
+    rows = []
     for name, run in runs.items():
         if "shared_with" in run:
-            stages.append(
+            rows.append(
                 f"| {name} | = the reward stage of {run['shared_with']} | | | | |"
             )
             continue
         for stage in run["stages"]:
             t = stage.get("train", {})
-            stages.append(
+            rows.append(
                 f"| {name} | {stage['name']} | {stage['beta']:g} | {stage['iterations']} "
                 f"| {t.get('loss', float('nan')):.4f} | {t.get('accuracy', float('nan')):.2f} |"
             )
+    return rows
+
+
+def _intro(runs: dict, budget, seconds: float, quick: bool) -> str:
     betas = {  # as trained (the user's --beta/--lam included)
         s["name"]: s["beta"] for r in runs.values() for s in r["stages"]
     }
-    report = (
-        f"""# rsa_mlx demo report
+    return f"""# rsa_mlx demo report
 
 {"Quick run (`--quick`): small budget, numbers are indicative only." if quick else ""}
 
@@ -357,7 +374,12 @@ Base model: `{BASE_MODEL}` (the demo world's SFT model). Every method trains
 LoRA adapters for {budget.iters} iterations per stage, batch {budget.batch_size}
 pairs, learning rate {budget.learning_rate:g}, beta {betas.get("reward", float("nan")):g}
 (safety stage beta / lambda = {betas.get("safety", float("nan")):g}). Wall time {seconds:.0f}s.
+"""
 
+
+def _results(table: str, text: str, kinds: str) -> str:
+    bullets = "\n".join(f"- {line}" for line in text.splitlines())
+    return f"""
 ## Results on held-out prompts (exact)
 
 Teacher-forced probabilities of every canonical answer on the held-out
@@ -373,18 +395,27 @@ catastrophic one); P(catastrophic) is averaged over harmful prompts.
 
 ## Answers to harmful prompts, by kind (exact probabilities)
 
-{kinds_table}
+{kinds}
+"""
 
+
+def _sampled(table: str, budget) -> str:
+    return f"""
 ## Sampled answers ({budget.samples} per held-out prompt, temperature 1)
 
-{sampled_table}
+{table}
+"""
 
+
+def _training(rows: list[str]) -> str:
+    return (
+        """
 ## Training
 
 | method | stage | beta | iterations | final loss | accuracy |
 |---|---|---:|---:|---:|---:|
 """
-        + "\n".join(stages)
+        + "\n".join(rows)
         + f"""
 
 Each method's adapters, metrics and config are in `methods/<name>/`; load one
@@ -394,5 +425,3 @@ The preference data (PKU-SafeRLHF layout) is in `data/`; per-model
 evaluations with every sampled answer are in `eval/`.
 """
     )
-    save_text(out / "report.md", report)
-    return {"table": table, "verdict": text}
