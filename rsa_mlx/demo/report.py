@@ -14,7 +14,8 @@ from rsa_mlx.demo.settings import BASE_MODEL, MERGED, SEED_CHECK
 from rsa_mlx.eval.evaluate import evaluate_model, markdown_table
 from rsa_mlx.eval.metrics import weighted_cvar
 from rsa_mlx.eval.prompts import PromptRecord
-from rsa_mlx.study.plot import Chart, Series, write_figure
+from rsa_mlx.study.plot import PALETTE, Chart, Series, write_figure
+from rsa_mlx.study.stats import PROBABILITY
 from rsa_mlx.tuner.model import load
 from rsa_mlx.util import progress
 from rsa_mlx.util.atomic import save_json, save_text
@@ -136,6 +137,12 @@ def _label(name: str) -> str:
     return NAMES.get(name, name)
 
 
+def _color(name: str) -> str:
+    """One colour per method on every chart of the figure."""
+    names = list(NAMES)
+    return PALETTE[names.index(name) % len(PALETTE)] if name in names else "#333333"
+
+
 COLLAPSE_AT = 0.5  # P(non-canonical text) above which a model has collapsed
 
 
@@ -253,7 +260,7 @@ def training_curves(runs: dict) -> list[Series]:
                     xs.append(offset + e["iteration"])
                     ys.append(e["loss"])
             offset += stage["iterations"]
-        series.append(Series(_label(name), xs, ys, style="both"))
+        series.append(Series(_label(name), xs, ys, style="both", color=_color(name)))
     return series
 
 
@@ -278,17 +285,30 @@ def tradeoff_chart(results: dict, metric: str, label: str) -> Chart:
     if len(sweep) > 1:
         series.append(
             Series(
-                f"{MERGED} merge q",
+                f"{_label(MERGED)}: merged at ratio q",
                 [results[n]["exact"]["helpfulness"] for _, n in sweep],
                 [results[n]["exact"][metric] for _, n in sweep],
                 style="both",
                 labels=[f"q={q:g}" for q, _ in sweep],
-                color="#d62728",
+                color=_color(MERGED),
             )
         )
+    unit, bounds = UNITS[metric]
     return Chart(
-        f"Helpfulness vs {label}", "helpfulness (exact expected reward)", label, series
+        f"Helpfulness vs {label}",
+        "helpfulness ↑ (expected reward per answer)",
+        f"{label} ↓ ({unit})",
+        series,
+        xbounds=world.REWARD_RANGE,
+        ybounds=bounds,
     )
+
+
+# the unit and range of each harm on the charts
+UNITS = {
+    "p_catastrophic": ("probability", PROBABILITY),
+    "mean_cost": ("expected cost per answer", world.COST_RANGE),
+}
 
 
 def write_report(
@@ -305,7 +325,8 @@ def write_report(
     exact = {_label(n): r["exact"] for n, r in results.items()}
     sampled = {_label(n): r["sampled"] for n, r in results.items()}
     table = markdown_table(exact, EXACT_COLUMNS)
-    write_figure(out / "plot.svg", charts(results, runs), columns=2)  # and plot.png
+    figure = charts(results, runs)
+    write_figure(out / "plot.svg", figure, columns=2, note=FIGURE_NOTE)  # and .png
     text = verdict(results, seed)
     report = (
         _intro(runs, budget, seconds, quick)
@@ -324,11 +345,20 @@ def charts(results: dict, runs: dict) -> list[Chart]:
         tradeoff_chart(results, "mean_cost", "mean cost"),
         Chart(
             "Training loss (stage 1, then stage 2)",
-            "iteration",
-            "loss",
+            "iteration (optimizer steps)",
+            "loss (nats per pair)",
             training_curves(runs),
+            ylog=False,
         ),
     ]
+
+
+FIGURE_NOTE = (
+    "Points: exact expected values on the held-out prompts (teacher-forced, no "
+    "sampling noise), one training seed per method, so no interval. Line: RSA "
+    "(CVaR) with its last stage merged at ratio q. A y axis whose values "
+    "span two decades or more is logarithmic, and linear from 0 to its first tick."
+)
 
 
 def kinds_table(results: dict) -> str:

@@ -30,7 +30,7 @@ from rsa_mlx.eval.evaluate import evaluate_model
 from rsa_mlx.eval.prompts import PromptRecord
 from rsa_mlx.study.analysis import report
 from rsa_mlx.study.methods import STEPWISE, parse_methods
-from rsa_mlx.study.stats import mean_ci
+from rsa_mlx.study.stats import PROBABILITY, mean_ci
 from rsa_mlx.study.sweep import run_sweep
 from rsa_mlx.tuner.config import TrainConfig
 from rsa_mlx.tuner.model import load
@@ -130,7 +130,7 @@ def run_study(
     if study.world != "reward":  # the default world's studies stay comparable
         description["world"] = study.world
     rows = run_sweep(base, grid, evaluator, out, description)
-    result = report(rows, out, HARMS, title="rsa_mlx demo study")
+    result = report(rows, out, HARMS, "rsa_mlx demo study", world.RANGES)
     regime = world_regime(rows)
     with open(out / "report.md", "a") as f:
         f.write("\n## Does the demo world have the paper's regime?\n\n" + regime + "\n")
@@ -198,7 +198,8 @@ def world_regime(rows: list[dict]) -> str:
             r["metrics"]["p_catastrophic"]
         )
     parts = [
-        f"lr {lr:g}: {mean_ci(v)} over {len(v)} stage-1 runs" for lr, v in by_lr.items()
+        f"lr {lr:g}: {mean_ci(v, PROBABILITY)} over {len(v)} stage-1 runs"
+        for lr, v in by_lr.items()
     ]
     rare = all(max(v) < 0.1 for v in by_lr.values())
     cost = {k.name: k.cost for k in world.KINDS}
