@@ -212,7 +212,7 @@ def compare(results, output, plot):
         if output:
             save_text(output, table + "\n")
         if chart is not None:
-            svg = write_figure(plot, [chart], columns=1)
+            svg = write_figure(plot, [chart], columns=1, note=compare_results.NOTE)
             click.echo(f"wrote {svg} and {svg.with_suffix('.png')}")
 
     guard(run)
