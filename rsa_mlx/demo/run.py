@@ -7,7 +7,8 @@ import time
 from functools import partial
 from pathlib import Path
 
-from rsa_mlx.demo.report import evaluate_all, write_report
+from rsa_mlx.demo.evaluation import evaluate_all
+from rsa_mlx.demo.report import write_report
 from rsa_mlx.demo.settings import (
     BASE_MODEL,
     QUICK,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rsa_mlx.demo import world
 from rsa_mlx.demo.behaviour import kind_probabilities
-from rsa_mlx.demo.report import exact_summary
+from rsa_mlx.demo.evaluation import exact_summary
 from rsa_mlx.demo.scorer import DemoScorer
 from rsa_mlx.demo.settings import BASE_MODEL, Budget
 from rsa_mlx.demo.world import write_dataset
