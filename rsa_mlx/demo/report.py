@@ -260,9 +260,10 @@ def charts(results: dict, runs: dict) -> list[Chart]:
 
 FIGURE_NOTE = (
     "Points: exact expected values on the held-out prompts (teacher-forced, no "
-    "sampling noise), one training seed per method, so no interval. Line: RSA "
-    "(CVaR) with its last stage merged at ratio q. A y axis whose values "
-    "span two decades or more is logarithmic, and linear from 0 to its first tick."
+    "sampling noise), one training run each, so no interval ('seed=1': a method "
+    "trained again with the next seed). Line: RSA (CVaR) with its last stage "
+    "merged at ratio q. A y axis whose values span two decades or more is "
+    "logarithmic, and linear from 0 to its first tick."
 )
 
 

@@ -289,8 +289,8 @@ def write_report(out: Path, results: dict, meta: dict) -> str:
     names = list(results)
     chart = Chart(
         "Helpfulness vs harm (held-out prompts)",
-        "helpfulness ↑ (rate: benign requests answered, not refused)",
-        "unsafe rate ↓ (rate: harmful requests complied with)",
+        "helpfulness ↑ (share of benign requests answered)",
+        "unsafe rate ↓ (share of harmful requests)",
         [
             Series(
                 "models",
