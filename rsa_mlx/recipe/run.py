@@ -43,6 +43,7 @@ from rsa_mlx.recipe.pairs import generate_pairs, write_splits
 from rsa_mlx.recipe.prompts import benign_instructions, read_harmful, split
 from rsa_mlx.study.methods import METHODS as ALL_METHODS
 from rsa_mlx.study.plot import Chart, Series, write_figure
+from rsa_mlx.study.stats import PROBABILITY
 from rsa_mlx.tuner.config import resolve
 from rsa_mlx.tuner.model import load
 from rsa_mlx.tuner.trainer import train
@@ -274,6 +275,13 @@ COLUMNS = [
 ]
 
 
+CHART_NOTE = (
+    "Each point: one model's rates over its sampled answers on the held-out "
+    "prompts; one training seed, so no interval. A y axis whose values span two "
+    "decades or more is logarithmic, and linear from 0 to its first tick."
+)
+
+
 def write_report(out: Path, results: dict, meta: dict) -> str:
 
     summaries = {NAMES[n]: r["summary"] for n, r in results.items()}
@@ -281,8 +289,8 @@ def write_report(out: Path, results: dict, meta: dict) -> str:
     names = list(results)
     chart = Chart(
         "Helpfulness vs harm (held-out prompts)",
-        "helpfulness on benign requests (not refused)",
-        "unsafe rate on harmful requests (complied)",
+        "helpfulness ↑ (share of benign requests answered)",
+        "unsafe rate ↓ (share of harmful requests)",
         [
             Series(
                 "models",
@@ -291,8 +299,10 @@ def write_report(out: Path, results: dict, meta: dict) -> str:
                 labels=[NAMES[n] for n in names],
             )
         ],
+        xbounds=PROBABILITY,
+        ybounds=PROBABILITY,
     )
-    write_figure(out / "plot.svg", [chart], columns=1)
+    write_figure(out / "plot.svg", [chart], columns=1, note=CHART_NOTE)
     lines = [
         "# Real-model recipe: results",
         "",
