@@ -114,9 +114,9 @@ def examples(results: dict, name: str, prompts: list[str]) -> str:
 def chart(results: dict) -> Chart:
     names = list(results)
     return Chart(
-        "Helpfulness vs harm on held-out prompts (greedy and sampled)",
-        "benign and borderline requests answered fluently (share)",
-        "harmful requests answered fluently (share)",
+        "Helpfulness vs harm on held-out prompts",
+        "helpfulness ↑ (share of benign requests answered)",
+        "unsafe rate ↓ (share of harmful requests)",
         [
             Series(
                 "models",
@@ -125,6 +125,8 @@ def chart(results: dict) -> Chart:
                 labels=[TITLES.get(n, n) for n in names],
             )
         ],
+        xbounds=(0.0, 1.0),
+        ybounds=(0.0, 1.0),
     )
 
 
@@ -135,7 +137,13 @@ def write_report(out: Path, results: dict, meta: dict) -> str:
         json.loads(x) for x in (out / "data" / "eval.jsonl").read_text().splitlines()
     ]
     prompts = {n: [r["prompt"] for r in eval_rows if r["set"] == n] for n in NAMES}
-    write_figure(out / "plot.svg", [chart(results)], columns=1)
+    write_figure(
+        out / "plot.svg",
+        [chart(results)],
+        columns=1,
+        note="Each point is one model of one run (one seed: no interval); answers "
+        "count only when fluent (not degenerate), greedy and sampled pooled.",
+    )
     settings = meta["settings"]
     lines = [
         "# Real-model recipe: results",
