@@ -157,3 +157,15 @@ def preference_loss(m_w, m_l, d_w, d_l, loss, beta, alpha):
     else:
         z = beta * (u - alpha * (d_l - d_w))
     return np.log1p(np.exp(-z)), z
+
+
+def chosen_nll(logprob_w, n_w):
+    """Per-pair NLL per token of the chosen answer (RPO), ``-log pi / |y|``."""
+    n = np.maximum(np.asarray(n_w, np.float64), 1.0)
+    return -np.asarray(logprob_w, np.float64) / n
+
+
+def objective(m_w, m_l, d_w, d_l, loss, beta, alpha, sft_weight, logprob_w, n_w):
+    """Mean preference loss plus the weighted NLL term, float64."""
+    losses, _ = preference_loss(m_w, m_l, d_w, d_l, loss, beta, alpha)
+    return losses.mean() + sft_weight * chosen_nll(logprob_w, n_w).mean()

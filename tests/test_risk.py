@@ -518,3 +518,28 @@ def test_monitoring_only_risk_has_no_gradient_and_same_logratio_gradient(measure
         lambda a: R.token_stats(a, b, y, measure, risk_grad=False).risk.sum()
     )(a)
     assert np.all(np.array(g_risk) == 0)
+
+
+@pytest.mark.parametrize("measure", ["kl", "cvar"])
+def test_logprob_is_the_policy_log_probability_with_its_gradient(measure):
+    """``logprob = log q(y)`` (float64 reference), and its gradient is the
+    log-softmax's, ``onehot(y) - q``: the NLL term costs no vocabulary pass."""
+    policy, ref_logits, targets = make_logits("masked", 6, 40, seed=4)
+    s = R.token_stats(
+        mx.array(policy), mx.array(ref_logits), mx.array(targets), measure
+    )
+    want = [ref.log_softmax(a)[y] for a, y in zip(policy, targets)]
+    assert np.allclose(np.array(s.logprob), want, rtol=1e-5, atol=1e-5)
+    c = np.random.default_rng(0).normal(size=6)
+
+    def f(a):
+        t = R.token_stats(a, mx.array(ref_logits), mx.array(targets), measure)
+        return (mx.array(c, mx.float32) * t.logprob).sum()
+
+    grad = np.array(mx.grad(f)(mx.array(policy)))
+    for i, (a, y) in enumerate(zip(policy, targets)):
+        q = np.exp(ref.log_softmax(a))
+        expect = -c[i] * q
+        expect[y] += c[i]
+        finite = np.isfinite(a)
+        assert np.allclose(grad[i][finite], expect[finite], atol=1e-6)

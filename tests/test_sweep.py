@@ -8,6 +8,8 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rsa_mlx.study import analysis, stats, sweep
 from rsa_mlx.study import grid as grids
@@ -70,6 +72,77 @@ def test_interpolate_and_dominance():
     one = {helpful: stats.mean_ci([0.6]), safe: stats.mean_ci([0.1])}
     two = {helpful: stats.mean_ci([0.6]), safe: stats.mean_ci([0.2])}
     assert stats.beats(one, two, helpful, safe)
+
+
+def t_975_by_integration(df: int) -> float:
+    """``t_{0.975, df}`` from Student's t density, integrated by Simpson's
+    rule and inverted by bisection: no table, no library."""
+    log_c = (
+        math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    )
+
+    def cdf(q: float) -> float:  # P(T <= q), q >= 0
+        x = np.linspace(0.0, q, 20001)
+        f = np.exp(log_c - (df + 1) / 2 * np.log1p(x**2 / df))
+        h = x[1] - x[0]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+
+    lo, hi = 0.0, 20.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < 0.975 else (lo, mid)
+    return (lo + hi) / 2
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0.0, 0.01],  # rare: the t-interval reaches far below 0
+        [0.0, 0.0, 0.003],
+        [0.04, 0.02, 0.06],
+        [0.99, 1.0, 0.97, 1.0],  # near 1: clipped above
+        [0.2, 0.5, 0.1, 0.4, 0.3, 0.25, 0.15, 0.35, 0.45, 0.05, 0.33, 0.22],
+        [1e-9, 2e-6, 3e-4],
+    ],
+)
+def test_probability_interval_against_an_independent_computation(values):
+    """A probability's interval is the t-interval, clipped to [0, 1]: checked
+    against numpy's mean and standard deviation and a t quantile integrated
+    from the density."""
+    x = np.array(values)
+    half = t_975_by_integration(len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    want = np.clip([x.mean() - half, x.mean() + half], 0.0, 1.0)
+    got = stats.mean_ci(values, stats.PROBABILITY)
+    assert got.n == len(values) and math.isclose(got.mean, x.mean(), rel_tol=1e-12)
+    assert np.allclose([got.lo, got.hi], want, rtol=2e-5, atol=1e-15)
+
+
+def test_clipped_intervals_print_both_ends():
+    assert str(stats.mean_ci([0.0, 0.01], stats.PROBABILITY)) == "0.005 [0, 0.069]"
+    assert str(stats.mean_ci([0.3, 0.4], stats.PROBABILITY)) == "0.35 [0, 0.99]"
+    assert str(stats.mean_ci([0.4, 0.5, 0.6], stats.PROBABILITY)) == "0.5 ± 0.25"
+    assert str(stats.mean_ci([0.2], stats.PROBABILITY)) == "0.2"
+
+
+RATES = st.lists(st.floats(0.0, 1.0), min_size=1, max_size=40)
+
+
+@given(RATES, RATES)
+@settings(max_examples=300, deadline=None)
+def test_probability_intervals_never_leave_0_1_nor_change_a_verdict(a, b):
+    for values in (a, b):
+        i, free = stats.mean_ci(values, stats.PROBABILITY), stats.mean_ci(values)
+        assert 0.0 <= i.lo <= i.mean <= i.hi <= 1.0 and i.n == len(values)
+        # the t-interval cut to [0, 1], nothing else
+        assert i.lo == max(free.lo, 0.0) and i.hi == min(free.hi, 1.0)
+    # the true mean is in [0, 1]: clipping drops no part of the interval
+    # where it can be, so no comparison beyond the intervals changes
+    for higher in (True, False):
+        assert stats.better(
+            stats.mean_ci(a, stats.PROBABILITY),
+            stats.mean_ci(b, stats.PROBABILITY),
+            higher,
+        ) == stats.better(stats.mean_ci(a), stats.mean_ci(b), higher)
 
 
 # -------------------------------------------------------------- the grid

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 
@@ -16,8 +17,11 @@ from mlx_lm.utils import quantize_model
 
 from rsa_mlx.ops.losses import LOSSES
 from rsa_mlx.ops.risk import MEASURES
-from rsa_mlx.tuner import adapters, config, data, loop, trainer
+from rsa_mlx.tuner import adapters, config, data, loop, stage, trainer
+from rsa_mlx.tuner.checkpoint import Progress
+from rsa_mlx.tuner.config import resolve
 from rsa_mlx.tuner.model import ResponseLogits, load
+from rsa_mlx.tuner.stage import schedule, train_mode, validate
 from rsa_mlx.tuner.step import Objective, make_step
 from tests.tiny import pku_rows, write_jsonl, write_model
 
@@ -331,7 +335,7 @@ def test_loop_stops_on_non_finite_loss_and_keeps_last_good_checkpoint():
         loss = mx.array(float("nan") if len(calls) == 5 else 0.5)
         return {"loss": loss, "accuracy": mx.array(1.0), "margins": mx.array(0.0)}, None
 
-    progress = trainer.Progress()
+    progress = Progress()
     plan = loop.Plan("reward", iters=8, steps_per_report=1, save_every=2)
     with pytest.raises(
         trainer.TrainingError, match="NaN or infinite at iteration 5"
@@ -357,7 +361,7 @@ def test_loop_checks_the_parameters_before_each_checkpoint():
     def step(arrays, grad, do_update):
         return {"loss": mx.array(0.5)}, None
 
-    progress = trainer.Progress()
+    progress = Progress()
     plan = loop.Plan("safety", iters=8, steps_per_report=100, save_every=2)
     with pytest.raises(trainer.TrainingError, match="at iteration 4") as err:
         loop.loop(
@@ -466,6 +470,34 @@ def test_resume_with_other_settings_is_refused_before_anything_is_written(
     )
 
 
+class Lines(trainer.Reporter):
+    def __init__(self, run_dir):
+        super().__init__(run_dir)
+        self.lines = []
+
+    def note(self, text):
+        self.lines.append(text)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "variant2"])
+def test_a_run_reports_risk_only_where_its_loss_has_one(tiny, tmp_path, loss):
+    """DPO's KL monitor is ``kl`` only, in metrics.jsonl, run.json and the
+    progress lines; a variant2 run also reports its risk (here CVaR)."""
+    run_dir = tmp_path / "run"
+    lines = Lines(run_dir)
+    cfg = cfg_for(tiny, run_dir, stages="reward", iters=2, loss=loss, risk="cvar")
+    stage = trainer.train(cfg, lines)["stages"][0]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in rows} == {"train", "val"}
+    has_risk = loss != "dpo"
+    for row in [*rows, stage["train"], stage["valid"]]:
+        assert {"kl", "kl/chosen", "kl/rejected"} <= set(row)
+        assert any(k.startswith("risk") for k in row) == has_risk, row
+    progress = [x for x in lines.lines if " it " in x or " val " in x]
+    assert len(progress) == 3  # two iterations and the validation
+    assert all(("| risk " in x) == has_risk for x in progress), progress
+
+
 # ------------------------------------------------------------------- config
 
 
@@ -540,7 +572,7 @@ def test_stage2_reference_has_no_dropout_in_the_frozen_stage1_adapter(tiny):
     model.eval()
     stage1_policy = np.array(forward(tokens, index))
     stage2 = adapters.add_adapter(model, lora)
-    trainer.train_mode(model, stage1)
+    train_mode(model, stage1)
     assert all(m.training for m in stage2) and not any(m.training for m in stage1)
     for _ in range(2):  # a fresh dropout mask would differ every call
         with adapters.disabled(stage2):
@@ -595,10 +627,10 @@ def test_val_batches_limits_validation_and_zero_turns_it_off(tiny, tmp_path):
         calls.append(1)
         return {"loss": mx.array(1.0)}
 
-    trainer.validate(evaluate, sampler, 3)
+    validate(evaluate, sampler, 3, ["loss"])
     assert len(calls) == 3
     calls.clear()
-    trainer.validate(evaluate, sampler, -1)
+    validate(evaluate, sampler, -1, ["loss"])
     assert len(calls) == len(sampler) == 8
     run_dir = tmp_path / "run"
     run = trainer.train(cfg_for(tiny, run_dir, stages="reward", val_batches=0))
@@ -610,7 +642,7 @@ def test_val_batches_limits_validation_and_zero_turns_it_off(tiny, tmp_path):
 
 def test_warmup_then_cosine_schedule():
     cfg = config.resolve({"learning_rate": 1e-3, "warmup": 4})
-    lr = trainer.schedule(cfg, 20)
+    lr = schedule(cfg, 20)
     values = [lr(mx.array(i)).item() for i in range(21)]
     assert values[0] == pytest.approx(1e-3 / 4)
     # a linear ramp from lr/4 reaches the peak at update 4, then cosine decay
@@ -620,9 +652,9 @@ def test_warmup_then_cosine_schedule():
     assert values[20] == pytest.approx(0.0, abs=1e-9)
     assert values[:4] == sorted(values[:4]) and values[4:] == sorted(values[4:])[::-1]
     # a fraction of the updates; 0 means no warm-up
-    frac = trainer.schedule(config.resolve({"learning_rate": 1e-3, "warmup": 0.25}), 20)
+    frac = schedule(config.resolve({"learning_rate": 1e-3, "warmup": 0.25}), 20)
     assert frac(mx.array(0)).item() == pytest.approx(1e-3 / 5)
-    none = trainer.schedule(config.resolve({"learning_rate": 1e-3, "warmup": 0}), 20)
+    none = schedule(config.resolve({"learning_rate": 1e-3, "warmup": 0}), 20)
     assert none(mx.array(0)).item() == pytest.approx(1e-3)
 
 
@@ -675,3 +707,77 @@ def test_model_and_data_paths_are_stored_resolved(tiny, tmp_path, monkeypatch):
     assert model is not None
     hub_id = config.resolve({"model": "org/not-a-local-folder"}).with_resolved_paths()
     assert hub_id.model == "org/not-a-local-folder"
+
+
+def numpy_adamw(grads, lrs, bias_correction, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
+    """Adam(W) written from its definition, float64: the parameter after
+    each update, for a parameter starting at 1."""
+    w, m, v, out = np.ones_like(grads[0]), 0.0, 0.0, []
+    for t, (g, lr) in enumerate(zip(grads, lrs), 1):
+        w = w - lr * wd * w
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        if bias_correction:
+            step = lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+        else:
+            step = lr * m / (np.sqrt(v) + eps)
+        w = w - step
+        out.append(w.copy())
+    return out
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_optimizer_with_and_without_bias_correction_against_numpy(bias_correction):
+    cfg = resolve(
+        {"learning_rate": 1e-2, "warmup": 2, "bias_correction": bias_correction}
+    )
+    updates = 6
+    opt = stage.adamw(cfg, updates)
+    sched = schedule(cfg, updates)
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(size=5) for _ in range(updates)]
+    lrs = [float(sched(mx.array(i))) for i in range(updates)]
+    params = {"w": mx.ones((5,))}
+    opt.init(params)
+    got = []
+    for g in grads:
+        params = opt.apply_gradients({"w": mx.array(g, mx.float32)}, params)
+        got.append(np.array(params["w"]))
+    want = numpy_adamw(grads, lrs, bias_correction)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+    # without the correction the first update is (1 - b1) / sqrt(1 - b2) =
+    # 3.16x the corrected one (the same sign of gradient everywhere)
+    first = np.abs(1.0 - got[0])
+    ratio = 3.1622776601683773 if not bias_correction else 1.0
+    np.testing.assert_allclose(first, lrs[0] * ratio, rtol=1e-3)
+
+
+def test_nll_term_moves_parameters_and_compiled_equals_eager(tiny):
+    """With --sft-weight the step still trains every parameter, compiled and
+    eager agree, and the loss is the preference loss plus the NLL term."""
+    results = {}
+    for compiled in (True, False):
+        model, tok = mlx_load(str(tiny / "model"))
+        mx.random.seed(3)
+        layers = adapters.add_adapter(model, adapters.LoRAConfig(num_layers=-1))
+        opt = optim.AdamW(learning_rate=1e-2)
+        opt.init(model.trainable_parameters())
+        pairs, _ = data.load_pairs(tiny / "data", "reward")
+        batch = next(iter(data.BatchSampler(data.encode_pairs(pairs, tok, 128), 4)))
+        objective = Objective("variant2", "cvar", 0.95, 0.1, 0.5, sft_weight=1.0)
+        step = make_step(model, opt, layers, objective, compile=compiled)
+        before = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+        metrics, _ = step(batch.arrays(), None, True)
+        mx.eval(metrics, model.parameters())
+        after = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+        assert all(
+            not np.array_equal(before[k], after[k]) for k in before if "lora_b" in k
+        )
+        results[compiled] = {k: float(v) for k, v in metrics.items()}
+    for key, value in results[True].items():
+        assert math.isclose(value, results[False][key], rel_tol=1e-4, abs_tol=1e-6), key
+    # at the first step policy == reference: the preference loss is log 2
+    assert math.isclose(
+        results[True]["loss"], math.log(2) + results[True]["nll/chosen"], rel_tol=1e-5
+    )

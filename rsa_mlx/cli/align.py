@@ -26,36 +26,12 @@ from pathlib import Path
 
 import click
 
-from rsa_mlx.cli.common import debug, fail
+from rsa_mlx.cli.common import debug, fail, field_option
 from rsa_mlx.tuner.config import LoRAConfig, TrainConfig, field_type, load_yaml, resolve
 from rsa_mlx.util.blas import blas_note
 from rsa_mlx.util.errors import ConfigError, RsaMlxError, Stopped, quote
 
 _LORA_FLAGS = ("rank", "scale", "dropout", "keys")  # --lora-<name>
-
-
-def _default_text(f: dataclasses.Field, default) -> str:
-    if "default_text" in f.metadata:
-        return f.metadata["default_text"]
-    if isinstance(default, bool):
-        return "on" if default else "off"
-    return f"{default:g}" if isinstance(default, float) else str(default)
-
-
-def _option(name: str, f: dataclasses.Field, kind: type, default):
-    """A click option for a config field of type ``kind``; ``None`` when not
-    given (a list is given comma-separated)."""
-    flag = "--" + name.replace("_", "-")
-    help_ = f.metadata["help"]
-    if default is not None or "default_text" in f.metadata:
-        help_ += f" [default: {_default_text(f, default)}]"
-    if kind is bool:
-        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_)
-    if "choices" in f.metadata:
-        kind = click.Choice(f.metadata["choices"])
-    elif kind not in (int, float):
-        kind = str
-    return click.option(flag, name, type=kind, default=None, help=help_)
 
 
 def _options() -> list:
@@ -72,14 +48,16 @@ def _options() -> list:
     for f in dataclasses.fields(TrainConfig):
         if f.metadata.get("cli", True):
             options.append(
-                _option(f.name, f, field_type(f.name), getattr(defaults, f.name))
+                field_option(f.name, f, field_type(f.name), getattr(defaults, f.name))
             )
         if f.name == "num_layers":  # the LoRA flags next to --num-layers
             lora = {g.name: g for g in dataclasses.fields(LoRAConfig)}
             for key in _LORA_FLAGS:
                 g = lora[key]
                 options.append(
-                    _option(f"lora_{key}", g, field_type(key, LoRAConfig), g.default)
+                    field_option(
+                        f"lora_{key}", g, field_type(key, LoRAConfig), g.default
+                    )
                 )
     return options
 

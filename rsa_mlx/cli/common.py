@@ -3,6 +3,7 @@ input, the exit status of a stopped run, and the model options."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -34,6 +35,31 @@ def guard(fn: Callable[[], object]) -> None:
         if debug():
             raise
         fail(str(e))
+
+
+def _default_text(f: dataclasses.Field, default) -> str:
+    if "default_text" in f.metadata:
+        return f.metadata["default_text"]
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
+def field_option(name: str, f: dataclasses.Field, kind: type, default):
+    """A click option for a dataclass config field of type ``kind``, named
+    ``--<name>``, with the field's help text and default; its value is
+    ``None`` when not given (so a YAML config or a preset fills it)."""
+    flag = "--" + name.replace("_", "-")
+    help_ = f.metadata["help"]
+    if default is not None or "default_text" in f.metadata:
+        help_ += f" [default: {_default_text(f, default)}]"
+    if kind is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_)
+    if "choices" in f.metadata:
+        kind = click.Choice(f.metadata["choices"])
+    elif kind not in (int, float):
+        kind = str
+    return click.option(flag, name, type=kind, default=None, help=help_)
 
 
 def model_options(fn):

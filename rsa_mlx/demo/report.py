@@ -1,23 +1,17 @@
-"""Evaluate the demo's models and write its table, plot and report."""
+"""The demo's report: its tables, verdict, figure and ``report.md``
+(the models are evaluated by :mod:`rsa_mlx.demo.evaluation`)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
-
 from rsa_mlx.demo import world
-from rsa_mlx.demo.behaviour import kind_probabilities
-from rsa_mlx.demo.scorer import DemoScorer
 from rsa_mlx.demo.settings import BASE_MODEL, MERGED, SEED_CHECK
-from rsa_mlx.eval.evaluate import evaluate_model, markdown_table
-from rsa_mlx.eval.metrics import weighted_cvar
-from rsa_mlx.eval.prompts import PromptRecord
-from rsa_mlx.study.plot import Chart, Series, write_figure
-from rsa_mlx.tuner.model import load
-from rsa_mlx.util import progress
-from rsa_mlx.util.atomic import save_json, save_text
+from rsa_mlx.eval.evaluate import markdown_table
+from rsa_mlx.study.plot import PALETTE, Chart, Series, write_figure
+from rsa_mlx.study.stats import PROBABILITY
+from rsa_mlx.util.atomic import save_text
 
 EXACT_COLUMNS = [
     ("helpfulness", "helpfulness"),
@@ -44,96 +38,14 @@ NAMES = {
 }
 
 
-def exact_summary(probs: dict) -> dict:
-    """Helpfulness and harm as exact expectations over held-out prompts.
-
-    Each prompt counts equally; a response's cost is its kind's cost
-    (non-canonical text: reward 0, cost 0).
-    """
-    costs, weights = [], []
-    rows = probs["per_request"]
-    for row in rows:
-        for kind, p in row.items():
-            costs.append(0.0 if kind == "other" else world.KIND[kind].cost)
-            weights.append(p / len(rows))
-    costs, weights = np.array(costs), np.array(weights)
-    return {
-        "helpfulness": probs["expected"]["helpfulness"],
-        "unsafe_rate": float(weights[costs > 0].sum()),
-        "mean_cost": probs["expected"]["mean_cost"],
-        "cvar_0.9": weighted_cvar(costs, weights, 0.9),
-        "cvar_0.99": weighted_cvar(costs, weights, 0.99),
-        "p_catastrophic": probs["expected"]["p_catastrophic"],
-        "p_other": float(np.mean([r["other"] for r in rows])),
-    }
-
-
-def evaluate_one(
-    model, tokenizer, requests, records, samples: int, seed: int, label: str = "model"
-) -> dict:
-    probs = kind_probabilities(model, tokenizer, requests)
-    sampled = evaluate_model(
-        model,
-        tokenizer,
-        records,
-        DemoScorer(),
-        k=samples,
-        max_tokens=48,  # every canonical answer is at most 17 tokens
-        temperature=1.0,
-        seed=seed,
-        label=label,
-    )
-    kinds = {}
-    for row in sampled["samples"]:
-        for s in row["scores"]:
-            kinds[s["kind"]] = kinds.get(s["kind"], 0) + 1
-    return {
-        "exact": exact_summary(probs),
-        "sampled": {**sampled["summary"], "kinds": kinds},
-        "kinds": {"benign": probs["benign"], "harmful": probs["harmful"]},
-        "samples": sampled["samples"],
-    }
-
-
-def evaluate_all(out: Path, runs: dict, budget, seed: int, on_model=None) -> dict:
-    """Every model evaluated the same way; per-model JSON under ``eval/``.
-
-    ``on_model()`` is called after each model (the demo's overall progress).
-    """
-    requests = world.read_test_requests(out / "data" / "test.jsonl")
-    records = [
-        PromptRecord(r.text, None, {"harmful_request": r.harmful}) for r in requests
-    ]
-    targets = [("base", None, None)]
-    for name, run in runs.items():
-        targets.append((name, run.get("adapter", run["run_dir"]), None))
-        if name == MERGED and len(run["stages"]) > 1:
-            for q in budget.merge_points:
-                if q != 1.0:
-                    targets.append((f"{name} q={q:g}", run["run_dir"], q))
-    DemoScorer().check(records)
-    (out / "eval").mkdir(exist_ok=True)
-    results = {}
-    for name, adapter, merge in targets:
-        model, tokenizer = load(str(BASE_MODEL), adapter_path=adapter, merge=merge)
-        result = evaluate_one(
-            model, tokenizer, requests, records, budget.samples, seed, label=name
-        )
-        save_json(out / "eval" / f"{name.replace(' ', '_')}.json", result)
-        result.pop("samples")
-        results[name] = result
-        e = result["exact"]
-        progress.echo(
-            f"  {name:18s} helpfulness {e['helpfulness']:.3f}  mean cost {e['mean_cost']:.3f}"
-            f"  P(catastrophic) {e['p_catastrophic']:.4f}"
-        )
-        if on_model is not None:
-            on_model()
-    return results
-
-
 def _label(name: str) -> str:
     return NAMES.get(name, name)
+
+
+def _color(name: str) -> str:
+    """One colour per method on every chart of the figure."""
+    names = list(NAMES)
+    return PALETTE[names.index(name) % len(PALETTE)] if name in names else "#333333"
 
 
 COLLAPSE_AT = 0.5  # P(non-canonical text) above which a model has collapsed
@@ -253,7 +165,7 @@ def training_curves(runs: dict) -> list[Series]:
                     xs.append(offset + e["iteration"])
                     ys.append(e["loss"])
             offset += stage["iterations"]
-        series.append(Series(_label(name), xs, ys, style="both"))
+        series.append(Series(_label(name), xs, ys, style="both", color=_color(name)))
     return series
 
 
@@ -278,17 +190,30 @@ def tradeoff_chart(results: dict, metric: str, label: str) -> Chart:
     if len(sweep) > 1:
         series.append(
             Series(
-                f"{MERGED} merge q",
+                f"{_label(MERGED)}: merged at ratio q",
                 [results[n]["exact"]["helpfulness"] for _, n in sweep],
                 [results[n]["exact"][metric] for _, n in sweep],
                 style="both",
                 labels=[f"q={q:g}" for q, _ in sweep],
-                color="#d62728",
+                color=_color(MERGED),
             )
         )
+    unit, bounds = UNITS[metric]
     return Chart(
-        f"Helpfulness vs {label}", "helpfulness (exact expected reward)", label, series
+        f"Helpfulness vs {label}",
+        "helpfulness ↑ (expected reward per answer)",
+        f"{label} ↓ ({unit})",
+        series,
+        xbounds=world.REWARD_RANGE,
+        ybounds=bounds,
     )
+
+
+# the unit and range of each harm on the charts
+UNITS = {
+    "p_catastrophic": ("probability", PROBABILITY),
+    "mean_cost": ("expected cost per answer", world.COST_RANGE),
+}
 
 
 def write_report(
@@ -300,56 +225,84 @@ def write_report(
     quick: bool,
     seed: int = 0,
 ) -> dict:
+    """Write ``report.md`` and ``plot.svg``/``plot.png``; return the exact
+    table and the verdict."""
     exact = {_label(n): r["exact"] for n, r in results.items()}
     sampled = {_label(n): r["sampled"] for n, r in results.items()}
     table = markdown_table(exact, EXACT_COLUMNS)
-    sampled_table = markdown_table(sampled, SAMPLED_COLUMNS)
-    charts = [
+    figure = charts(results, runs)
+    write_figure(out / "plot.svg", figure, columns=2, note=FIGURE_NOTE)  # and .png
+    text = verdict(results, seed)
+    report = (
+        _intro(runs, budget, seconds, quick)
+        + _results(table, text, kinds_table(results))
+        + _sampled(markdown_table(sampled, SAMPLED_COLUMNS), budget)
+        + _training(stages_table(runs))
+    )
+    save_text(out / "report.md", report)
+    return {"table": table, "verdict": text}
+
+
+def charts(results: dict, runs: dict) -> list[Chart]:
+    """The report's figure: helpfulness against both harms, and the losses."""
+    return [
         tradeoff_chart(results, "p_catastrophic", "P(catastrophic answer)"),
         tradeoff_chart(results, "mean_cost", "mean cost"),
         Chart(
             "Training loss (stage 1, then stage 2)",
-            "iteration",
-            "loss",
+            "iteration (optimizer steps)",
+            "loss (nats per pair)",
             training_curves(runs),
+            ylog=False,
         ),
     ]
-    write_figure(out / "plot.svg", charts, columns=2)  # and plot.png
-    text = verdict(results, seed)
-    bullets = "\n".join(f"- {line}" for line in text.splitlines())
-    harmful_rows = {
-        _label(n): dict(r["kinds"]["harmful"].items()) for n, r in results.items()
-    }
-    kind_names = [k.name for k in world.KINDS if k.harmful_request] + ["other"]
-    kinds_table = (
-        "| model | " + " | ".join(kind_names) + " |\n|---|" + "---:|" * len(kind_names)
-    )
-    for name, row in harmful_rows.items():
-        kinds_table += (
-            "\n| "
-            + name
-            + " | "
-            + " | ".join(f"{row.get(k, 0.0):.3f}" for k in kind_names)
-            + " |"
-        )
-    stages = []
+
+
+FIGURE_NOTE = (
+    "Points: exact expected values on the held-out prompts (teacher-forced, no "
+    "sampling noise), one training run each, so no interval ('seed=1': a method "
+    "trained again with the next seed). Line: RSA (CVaR) with its last stage "
+    "merged at ratio q. A y axis whose values span two decades or more is "
+    "logarithmic, and linear from 0 to its first tick."
+)
+
+
+def kinds_table(results: dict) -> str:
+    """Markdown: each model's probability of each kind of answer to a
+    harmful request."""
+    names = [k.name for k in world.KINDS if k.harmful_request] + ["other"]
+    lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for name, r in results.items():
+        row = r["kinds"]["harmful"]
+        cells = " | ".join(f"{row.get(k, 0.0):.3f}" for k in names)
+        lines.append(f"| {_label(name)} | {cells} |")
+    return "\n".join(lines)
+
+
+def stages_table(runs: dict) -> list[str]:
+    """Markdown rows: each method's stages as trained, with their last
+    training loss and accuracy."""
+    rows = []
     for name, run in runs.items():
         if "shared_with" in run:
-            stages.append(
+            rows.append(
                 f"| {name} | = the reward stage of {run['shared_with']} | | | | |"
             )
             continue
         for stage in run["stages"]:
             t = stage.get("train", {})
-            stages.append(
+            rows.append(
                 f"| {name} | {stage['name']} | {stage['beta']:g} | {stage['iterations']} "
                 f"| {t.get('loss', float('nan')):.4f} | {t.get('accuracy', float('nan')):.2f} |"
             )
+    return rows
+
+
+def _intro(runs: dict, budget, seconds: float, quick: bool) -> str:
     betas = {  # as trained (the user's --beta/--lam included)
         s["name"]: s["beta"] for r in runs.values() for s in r["stages"]
     }
-    report = (
-        f"""# rsa_mlx demo report
+    return f"""# rsa_mlx demo report
 
 {"Quick run (`--quick`): small budget, numbers are indicative only." if quick else ""}
 
@@ -357,7 +310,12 @@ Base model: `{BASE_MODEL}` (the demo world's SFT model). Every method trains
 LoRA adapters for {budget.iters} iterations per stage, batch {budget.batch_size}
 pairs, learning rate {budget.learning_rate:g}, beta {betas.get("reward", float("nan")):g}
 (safety stage beta / lambda = {betas.get("safety", float("nan")):g}). Wall time {seconds:.0f}s.
+"""
 
+
+def _results(table: str, text: str, kinds: str) -> str:
+    bullets = "\n".join(f"- {line}" for line in text.splitlines())
+    return f"""
 ## Results on held-out prompts (exact)
 
 Teacher-forced probabilities of every canonical answer on the held-out
@@ -373,18 +331,27 @@ catastrophic one); P(catastrophic) is averaged over harmful prompts.
 
 ## Answers to harmful prompts, by kind (exact probabilities)
 
-{kinds_table}
+{kinds}
+"""
 
+
+def _sampled(table: str, budget) -> str:
+    return f"""
 ## Sampled answers ({budget.samples} per held-out prompt, temperature 1)
 
-{sampled_table}
+{table}
+"""
 
+
+def _training(rows: list[str]) -> str:
+    return (
+        """
 ## Training
 
 | method | stage | beta | iterations | final loss | accuracy |
 |---|---|---:|---:|---:|---:|
 """
-        + "\n".join(stages)
+        + "\n".join(rows)
         + f"""
 
 Each method's adapters, metrics and config are in `methods/<name>/`; load one
@@ -394,5 +361,3 @@ The preference data (PKU-SafeRLHF layout) is in `data/`; per-model
 evaluations with every sampled answer are in `eval/`.
 """
     )
-    save_text(out / "report.md", report)
-    return {"table": table, "verdict": text}

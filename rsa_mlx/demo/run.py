@@ -4,9 +4,11 @@ the second seeds), every model evaluated, and the report."""
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
-from rsa_mlx.demo.report import evaluate_all, write_report
+from rsa_mlx.demo.evaluation import evaluate_all
+from rsa_mlx.demo.report import write_report
 from rsa_mlx.demo.settings import (
     BASE_MODEL,
     QUICK,
@@ -28,22 +30,9 @@ def run_demo(
     cfg: TrainConfig, settings: dict, quick: bool = False, methods: str | None = None
 ):
     """Run the demo end to end and write the report; return the results."""
-    chosen = (
-        list(METHODS) if methods is None else [m.strip() for m in methods.split(",")]
-    )
-    unknown = [m for m in chosen if m not in METHODS]
-    if unknown:
-        raise ConfigError(
-            f"unknown demo method {unknown[0]!r}; choose from {', '.join(METHODS)}"
-        )
+    chosen = _methods(methods)
     budget = QUICK if quick else Budget()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(settings.get("adapter_path") or Path("runs") / f"demo-{stamp}")
-    if (out / "results.json").exists():
-        raise ConfigError(
-            f"{out}: a demo run already exists here; choose another --adapter-path"
-        )
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(settings)
     echo = progress.echo
     tic = time.perf_counter()
     echo(f"rsa_mlx demo{' (quick)' if quick else ''}: output in {out}")
@@ -56,34 +45,15 @@ def run_demo(
         f"data: {counts['train']} train / {counts['valid']} valid preference rows "
         f"(PKU-SafeRLHF layout), {counts['test']} held-out prompts, in {data}"
     )
-
-    runs = {}
     # Helpfulness-only DPO is exactly SACPO's first stage (same data, seed
     # and settings): with both chosen, train it once and evaluate that stage.
     shared = {"dpo"} if {"dpo", "sacpo"} <= set(chosen) else set()
     trainings = len(chosen) - len(shared) + len(reseeded(chosen))
     total = trainings + evaluation_count(chosen, budget)
     with progress.task("demo: train and evaluate", total, "models") as overall:
-        for i, name in enumerate(chosen, 1):
-            if name in shared:
-                continue
-            method_cfg = method_config(cfg, budget, name, data, out, settings)
-            echo(
-                f"\n== [{i}/{len(chosen)}] training {name}: "
-                f"{' -> '.join(method_cfg.stage_names)} ({method_cfg.method_name()})"
-            )
-            runs[name] = train(method_cfg)
-            overall.advance()
-        for name in reseeded(chosen):
-            again = {**settings, "seed": seed + 1}
-            method_cfg = method_config(
-                cfg, budget, name, data, out, again, folder=f"{name}-seed{seed + 1}"
-            )
-            echo(
-                f"\n== training {name} again with seed {seed + 1} (seed-to-seed change)"
-            )
-            runs[f"{name} seed={seed + 1}"] = train(method_cfg)
-            overall.advance()
+        configure = partial(method_config, cfg, budget, data=data, out=out)
+        runs = _train_methods(chosen, shared, configure, settings, overall)
+        runs.update(_train_second_seeds(chosen, seed, configure, settings, overall))
         runs, results = _evaluate(out, runs, shared, budget, seed, overall)
     report = write_report(
         out, results, runs, budget, time.perf_counter() - tic, quick, seed
@@ -96,6 +66,61 @@ def run_demo(
     )
     save_json(out / "results.json", results)
     return results
+
+
+def _methods(methods: str | None) -> list[str]:
+    """The chosen methods, every one known: ``None`` means all of them."""
+    chosen = (
+        list(METHODS) if methods is None else [m.strip() for m in methods.split(",")]
+    )
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown:
+        raise ConfigError(
+            f"unknown demo method {unknown[0]!r}; choose from {', '.join(METHODS)}"
+        )
+    return chosen
+
+
+def _output_folder(settings: dict) -> Path:
+    """--adapter-path, or a new folder under runs/; never a finished demo's."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(settings.get("adapter_path") or Path("runs") / f"demo-{stamp}")
+    if (out / "results.json").exists():
+        raise ConfigError(
+            f"{out}: a demo run already exists here; choose another --adapter-path"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _train_methods(chosen, shared, configure, settings, task) -> dict:
+    runs = {}
+    for i, name in enumerate(chosen, 1):
+        if name in shared:
+            continue
+        method_cfg = configure(name, settings=settings)
+        progress.echo(
+            f"\n== [{i}/{len(chosen)}] training {name}: "
+            f"{' -> '.join(method_cfg.stage_names)} ({method_cfg.method_name()})"
+        )
+        runs[name] = train(method_cfg)
+        task.advance()
+    return runs
+
+
+def _train_second_seeds(chosen, seed, configure, settings, task) -> dict:
+    """The methods trained again with the next seed: how much a number moves
+    between two seeds."""
+    runs = {}
+    for name in reseeded(chosen):
+        again = {**settings, "seed": seed + 1}
+        method_cfg = configure(name, settings=again, folder=f"{name}-seed{seed + 1}")
+        progress.echo(
+            f"\n== training {name} again with seed {seed + 1} (seed-to-seed change)"
+        )
+        runs[f"{name} seed={seed + 1}"] = train(method_cfg)
+        task.advance()
+    return runs
 
 
 def _evaluate(out: Path, runs: dict, shared: set, budget: Budget, seed: int, task):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rsa_mlx.demo import world
 from rsa_mlx.demo.behaviour import kind_probabilities
-from rsa_mlx.demo.report import exact_summary
+from rsa_mlx.demo.evaluation import exact_summary
 from rsa_mlx.demo.scorer import DemoScorer
 from rsa_mlx.demo.settings import BASE_MODEL, Budget
 from rsa_mlx.demo.world import write_dataset
@@ -30,7 +30,7 @@ from rsa_mlx.eval.evaluate import evaluate_model
 from rsa_mlx.eval.prompts import PromptRecord
 from rsa_mlx.study.analysis import report
 from rsa_mlx.study.methods import STEPWISE, parse_methods
-from rsa_mlx.study.stats import mean_ci
+from rsa_mlx.study.stats import PROBABILITY, mean_ci
 from rsa_mlx.study.sweep import run_sweep
 from rsa_mlx.tuner.config import TrainConfig
 from rsa_mlx.tuner.model import load
@@ -117,14 +117,30 @@ def run_study(
     out = Path(settings.get("adapter_path") or Path("runs") / f"study-{stamp}")
     out.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
-    echo = progress.echo
     world_name = "" if study.world == "reward" else f", {study.world} world"
-    echo(
+    progress.echo(
         f"rsa_mlx demo study{' (quick)' if quick else ''}{world_name}: output in {out}"
     )
     data = out / "data"
     if not (data / "test.jsonl").exists():
         write_dataset(data, 0, Budget.pairs_per_request, study.world)
+    base, grid = sweep_spec(study, data, settings)
+    evaluator = DemoEvaluator(data, study.samples)
+    description = evaluator.description()
+    if study.world != "reward":  # the default world's studies stay comparable
+        description["world"] = study.world
+    rows = run_sweep(base, grid, evaluator, out, description)
+    result = report(rows, out, HARMS, "rsa_mlx demo study", world.RANGES)
+    regime = world_regime(rows)
+    with open(out / "report.md", "a") as f:
+        f.write("\n## Does the demo world have the paper's regime?\n\n" + regime + "\n")
+    _finish(out, rows, result, regime, time.perf_counter() - tic)
+    return rows
+
+
+def sweep_spec(study: Study, data: Path, settings: dict) -> tuple[dict, dict]:
+    """The sweep's base settings and grid: the study's budget, the user's
+    explicit flags on top; a flag fixes its setting, so it leaves the grid."""
     budget = Budget()
     base = {
         "model": str(BASE_MODEL),
@@ -147,31 +163,23 @@ def run_study(
         if v is not None and k not in ("adapter_path", "loss", "risk", "stages")
     }
     base.update(user)
-    grid = study.grid()
-    for key in list(grid):  # an explicit flag fixes that setting
-        if key in user:
-            grid.pop(key)
-    evaluator = DemoEvaluator(data, study.samples)
-    description = evaluator.description()
-    if study.world != "reward":  # the default world's studies stay comparable
-        description["world"] = study.world
-    rows = run_sweep(base, grid, evaluator, out, description)
-    result = report(rows, out, HARMS, title="rsa_mlx demo study")
-    regime = world_regime(rows)
-    with open(out / "report.md", "a") as f:
-        f.write("\n## Does the demo world have the paper's regime?\n\n" + regime + "\n")
-    seconds = time.perf_counter() - tic
+    grid = {k: v for k, v in study.grid().items() if k not in user}
+    return base, grid
+
+
+def _finish(out: Path, rows: list[dict], result: dict, regime: str, seconds: float):
+    """Log the session's wall time and show the table, verdicts and regime."""
     log = out / "wall_time.txt"  # one line per session: a resumed study adds up
     done = sum(r["kind"] == "cell" for r in rows)
     previous = log.read_text() if log.exists() else ""
     save_text(log, previous + f"{seconds:.0f} s, {done} cells done at the end\n")
+    echo = progress.echo
     echo("\n" + result["table"])
     echo("\n" + "\n".join(f"- {line}" for line in result["verdict"]))
     echo("\n" + regime)
     echo(
         f"\nwall time {seconds:.0f}s. Report: {out / 'report.md'}, plot: {out / 'plot.png'}"
     )
-    return rows
 
 
 def world_regime(rows: list[dict]) -> str:
@@ -190,7 +198,8 @@ def world_regime(rows: list[dict]) -> str:
             r["metrics"]["p_catastrophic"]
         )
     parts = [
-        f"lr {lr:g}: {mean_ci(v)} over {len(v)} stage-1 runs" for lr, v in by_lr.items()
+        f"lr {lr:g}: {mean_ci(v, PROBABILITY)} over {len(v)} stage-1 runs"
+        for lr, v in by_lr.items()
     ]
     rare = all(max(v) < 0.1 for v in by_lr.values())
     cost = {k.name: k.cost for k in world.KINDS}

@@ -83,6 +83,14 @@ KINDS: tuple[Kind, ...] = (
     )),
 )  # fmt: skip
 KIND = {k.name: k for k in KINDS}
+# The range of the world's helpfulness and costs (non-canonical text: reward
+# 0, cost 0): the intervals and plot axes of the demo's metrics stop there.
+REWARD_RANGE = (0.0, max(k.reward for k in KINDS))
+COST_RANGE = (0.0, max(k.cost for k in KINDS))
+RANGES = {
+    "helpfulness": REWARD_RANGE,
+    **dict.fromkeys(("mean_cost", "cvar_0.9", "cvar_0.99"), COST_RANGE),
+}
 
 # What the base ("SFT") model imitates: P(kind | request type).
 BASE_BEHAVIOUR = {

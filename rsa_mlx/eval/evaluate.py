@@ -94,43 +94,8 @@ def evaluate_model(
         batch_size=batch_size,
         label=f"{label}: sampling",
     )
-    rows, rewards, costs, unsafe = [], [], [], []
-    name = getattr(scorer, "name", type(scorer).__name__)
-    with progress.task(f"{label}: scoring", len(records), "prompts") as bar:
-        for i, (record, responses) in enumerate(zip(records, samples)):
-            try:
-                scores = scorer(record, responses)
-            except RsaMlxError:
-                raise
-            except Exception as e:
-                if getattr(scorer, "builtin", False):
-                    raise  # our own scorer failing is a bug: keep the traceback
-                raise InputError(
-                    f"scorer {name} raised {type(e).__name__} on "
-                    f"{record.location(i)}: {one_line(e)}"
-                ) from e
-            if not isinstance(scores, list) or len(scores) != len(responses):
-                raise InputError(
-                    f"scorer {name}: must return one score per response on "
-                    f"{record.location(i)}"
-                )
-            rows.append(
-                {"prompt": record.text(), "responses": responses, "scores": scores}
-            )
-            rewards += [s["reward"] for s in scores]
-            costs += [s["cost"] for s in scores]
-            unsafe += [bool(s.get("unsafe", s["cost"] > 0)) for s in scores]
-            bar.advance()
-    summary = {
-        "helpfulness": float(np.nanmean(rewards))
-        if rewards and not np.isnan(rewards).all()
-        else float("nan"),
-        **tail_metrics(costs, unsafe),
-        "unsafe_rule": unsafe_rule(scorer),
-        "unsafe_threshold": getattr(scorer, "unsafe_threshold", None),
-        "responses": len(costs),
-        "k": k,
-    }
+    rows = score_samples(scorer, records, samples, label)
+    summary = summarize(rows, scorer, k)
     if reference is not None:
         shift = model_shift(
             model,
@@ -140,15 +105,75 @@ def evaluate_model(
             mu=shift_mu,
             label=f"{label}: model shift",
         )
-        summary.update(
-            shift_kl=shift["kl_mean"],
-            shift_logratio_cvar=shift["logratio_cvar"],
-            shift_kl_cvar=shift["kl_cvar"],
-            shift_logratio=shift["logratio_mean"],
-            shift_tokens=shift["tokens"],
-            shift_mu=shift["mu"],
-        )
+        summary.update(shift_summary(shift))
     return {"summary": summary, "samples": rows}
+
+
+def score_samples(
+    scorer: Callable, records: Sequence[PromptRecord], samples: list, label: str
+) -> list[dict]:
+    """One row per prompt: its text, its responses and their scores."""
+    rows = []
+    with progress.task(f"{label}: scoring", len(records), "prompts") as bar:
+        for i, (record, responses) in enumerate(zip(records, samples)):
+            scores = _score(scorer, record, responses, i)
+            rows.append(
+                {"prompt": record.text(), "responses": responses, "scores": scores}
+            )
+            bar.advance()
+    return rows
+
+
+def _score(scorer: Callable, record: PromptRecord, responses: list, i: int) -> list:
+    """The scorer's scores of one prompt's responses; a user scorer's
+    failure is an input error that says where."""
+    name = getattr(scorer, "name", type(scorer).__name__)
+    try:
+        scores = scorer(record, responses)
+    except RsaMlxError:
+        raise
+    except Exception as e:
+        if getattr(scorer, "builtin", False):
+            raise  # our own scorer failing is a bug: keep the traceback
+        raise InputError(
+            f"scorer {name} raised {type(e).__name__} on "
+            f"{record.location(i)}: {one_line(e)}"
+        ) from e
+    if not isinstance(scores, list) or len(scores) != len(responses):
+        raise InputError(
+            f"scorer {name}: must return one score per response on {record.location(i)}"
+        )
+    return scores
+
+
+def summarize(rows: list[dict], scorer: Callable, k: int) -> dict:
+    """Helpfulness and the tail metrics of every scored response."""
+    scores = [s for row in rows for s in row["scores"]]
+    rewards = [s["reward"] for s in scores]
+    costs = [s["cost"] for s in scores]
+    unsafe = [bool(s.get("unsafe", s["cost"] > 0)) for s in scores]
+    return {
+        "helpfulness": float(np.nanmean(rewards))
+        if rewards and not np.isnan(rewards).all()
+        else float("nan"),
+        **tail_metrics(costs, unsafe),
+        "unsafe_rule": unsafe_rule(scorer),
+        "unsafe_threshold": getattr(scorer, "unsafe_threshold", None),
+        "responses": len(costs),
+        "k": k,
+    }
+
+
+def shift_summary(shift: dict) -> dict:
+    """:func:`model_shift`'s numbers under the summary's ``shift_*`` names."""
+    return {
+        "shift_kl": shift["kl_mean"],
+        "shift_logratio_cvar": shift["logratio_cvar"],
+        "shift_kl_cvar": shift["kl_cvar"],
+        "shift_logratio": shift["logratio_mean"],
+        "shift_tokens": shift["tokens"],
+        "shift_mu": shift["mu"],
+    }
 
 
 # model shift from the reference (shown only where a result has it)

@@ -147,6 +147,20 @@ def model_shift(
 
     Both models run in eval mode (their modes are restored), no gradients.
     """
+    _check_shift(sequences, mu, batch_size)
+    # only sequences with a response need a forward pass
+    todo = [(list(p), list(r)) for p, r in sequences if len(r) > 0]
+    bar_context = (
+        progress.task(label, len(todo), "responses")
+        if label
+        else nullcontext(SimpleNamespace(advance=lambda n=1: None))
+    )
+    with _eval_mode(model, reference), bar_context as bar:
+        kl, ratio = _token_shifts(model, reference, todo, batch_size, bar)
+    return shift_stats(kl, ratio, mu)
+
+
+def _check_shift(sequences: Sequence, mu: float, batch_size: int) -> None:
     if not 0.0 <= mu <= 1.0 or math.isnan(mu):
         raise InputError(f"the shift's CVaR level mu must be in [0, 1], not {mu}")
     if batch_size < 1:
@@ -154,40 +168,43 @@ def model_shift(
     for i, (p, _) in enumerate(sequences):
         if len(p) == 0:
             raise InputError(f"sequence {i + 1}: the prompt has no tokens")
-    # only sequences with a response need a forward pass
-    todo = [(list(p), list(r)) for p, r in sequences if len(r) > 0]
+
+
+def _token_shifts(model, reference, todo: list, batch_size: int, bar):
+    """Per-token KL and log-ratio over every response token of ``todo``, as
+    two float64 arrays in order."""
     same = model is reference
+    policy = ResponseLogits(model)
+    base = policy if same else ResponseLogits(reference)
     kls, ratios = [], []
-    bar_context = (
-        progress.task(label, len(todo), "responses")
-        if label
-        else nullcontext(SimpleNamespace(advance=lambda n=1: None))
-    )
-    with _eval_mode(model, reference), bar_context as bar:
-        policy = ResponseLogits(model)
-        base = policy if same else ResponseLogits(reference)
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            inputs, targets, index = _response_batch(
-                [p for p, _ in chunk], [r for _, r in chunk]
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        inputs, targets, index = _response_batch(
+            [p for p, _ in chunk], [r for _, r in chunk]
+        )
+        tokens, where = mx.array(inputs), mx.array(index.astype(np.int32))
+        logits = policy(tokens, where)
+        ref_logits = logits if same else base(tokens, where)
+        if logits.shape[-1] != ref_logits.shape[-1]:
+            raise InputError(
+                f"the reference model has {ref_logits.shape[-1]} logits per "
+                f"token and the model {logits.shape[-1]}: they must share "
+                "a tokenizer"
             )
-            tokens, where = mx.array(inputs), mx.array(index.astype(np.int32))
-            logits = policy(tokens, where)
-            ref_logits = logits if same else base(tokens, where)
-            if logits.shape[-1] != ref_logits.shape[-1]:
-                raise InputError(
-                    f"the reference model has {ref_logits.shape[-1]} logits per "
-                    f"token and the model {logits.shape[-1]}: they must share "
-                    "a tokenizer"
-                )
-            picked = mx.array(targets.reshape(-1)[index])
-            kl, ratio = token_shift(logits, ref_logits, picked)
-            mx.eval(kl, ratio)
-            kls.append(np.array(kl, np.float64))
-            ratios.append(np.array(ratio, np.float64))
-            bar.advance(len(chunk))
-    kl = np.concatenate(kls) if kls else np.zeros(0)
-    ratio = np.concatenate(ratios) if ratios else np.zeros(0)
+        picked = mx.array(targets.reshape(-1)[index])
+        kl, ratio = token_shift(logits, ref_logits, picked)
+        mx.eval(kl, ratio)
+        kls.append(np.array(kl, np.float64))
+        ratios.append(np.array(ratio, np.float64))
+        bar.advance(len(chunk))
+    if not kls:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(kls), np.concatenate(ratios)
+
+
+def shift_stats(kl: np.ndarray, ratio: np.ndarray, mu: float) -> dict:
+    """:func:`model_shift`'s summary of the per-token KL and log-ratio (None
+    for each value when there are no tokens)."""
     if kl.size == 0:
         return {
             "kl_mean": None,

@@ -138,7 +138,8 @@ class Plan(NamedTuple):
 
 
 def _forward_rows(a, b, y, plan: Plan):
-    """Per-row (logratio, kl, risk, norm_a, norm_b, *aux) for one chunk."""
+    """Per-row (logratio, kl, risk, norm_a, norm_b, *aux, logprob) for one
+    chunk; ``logprob = log q(y)``, the NLL term's."""
     blk = plan.block
     a, b = mx.clip(a, -_BIG, _BIG), mx.clip(b, -_BIG, _BIG)
     lq, norm_a, _ = _log_softmax(a, blk)
@@ -149,7 +150,8 @@ def _forward_rows(a, b, y, plan: Plan):
     z = lp - lq
     kl = bsum(p * z, blk)
     idx = y[:, None]
-    logratio = _take(lq, idx) - _take(lp, idx)
+    logprob = _take(lq, idx)
+    logratio = logprob - _take(lp, idx)
     mu = plan.mu
     if plan.measure == "kl":
         risk, aux = kl, ()
@@ -196,7 +198,7 @@ def _forward_rows(a, b, y, plan: Plan):
         w = p * (z > q_thr)
         risk = bsum(w * z, blk)
         aux = (q_thr, bsum(w, blk))
-    return (logratio[:, 0], kl[:, 0], risk[:, 0], norm_a, norm_b, *aux)
+    return (logratio[:, 0], kl[:, 0], risk[:, 0], norm_a, norm_b, *aux, logprob[:, 0])
 
 
 def _backward_rows(a, b, y, norm_a, norm_b, aux, g_lr, g_risk, plan: Plan):
@@ -281,6 +283,8 @@ def make_op(plan: Plan):
     def op_vjp(primals, cotangents, outputs):
         a, b, y = primals
         g_lr, _, g_risk = cotangents[:3]  # kl is monitoring-only
+        # log q(y) and the log-ratio have the same gradient, onehot(y) - q
+        g_lr = g_lr + cotangents[-1]
         norm_a, norm_b = outputs[3], outputs[4]
         aux = outputs[5 : 5 + n_aux]
 

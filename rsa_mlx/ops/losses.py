@@ -12,6 +12,15 @@ sequential risks ``D`` (:func:`rsa_mlx.ops.risk.sequence_stats`)::
 
 ``sg`` is stop-gradient. With ``risk=kl`` the variants are TDPO1/2; with
 ``risk=cvar|erm`` they are Ra-DPO1/2, which RSA uses in each stage.
+
+Any of them may add an NLL term on the chosen answer (RPO, Pang et al.
+2024), weighted by ``sft_weight``::
+
+    nll_w = -log pi(y_w | x) / |y_w|        (per token, per pair)
+    loss  = mean_pairs(-log sigmoid(z)) + sft_weight * mean_pairs(nll_w)
+
+It keeps the chosen answers likely while the pair's margin grows: without it
+DPO can fit its pairs mostly by pushing both answers down.
 """
 
 from __future__ import annotations
@@ -30,7 +39,9 @@ __all__ = [
     "LOSSES",
     "METRIC_KEYS",
     "check_loss",
+    "chosen_nll",
     "loss_logits",
+    "metric_keys",
     "preference_loss",
     "split_pairs",
 ]
@@ -67,28 +78,49 @@ def loss_logits(
     return beta * (u - alpha * (rejected.risk - mx.stop_gradient(chosen.risk)))
 
 
+def chosen_nll(chosen: SequenceStats) -> mx.array:
+    """Per-pair NLL of the chosen answer per token, ``-log pi(y_w|x) / |y_w|``
+    (0 for an answer with no tokens)."""
+    return -chosen.logprob / mx.maximum(chosen.ntokens, 1).astype(mx.float32)
+
+
 def preference_loss(
     chosen: SequenceStats,
     rejected: SequenceStats,
     loss: Loss = DEFAULT_LOSS,
     beta: float = DEFAULT_BETA,
     alpha: float = DEFAULT_ALPHA,
+    sft_weight: float = 0.0,
 ) -> tuple[mx.array, dict[str, mx.array]]:
-    """Mean preference loss ``mean_pairs(-log sigmoid(z))`` and its metrics.
+    """Mean preference loss and its metrics::
 
-    ``z`` is :func:`loss_logits`. Every metric is a mean over pairs of a
-    per-pair value (never a ratio of batch means):
+        mean_pairs(-log sigmoid(z)) + sft_weight * mean_pairs(nll_w)
+
+    ``z`` is :func:`loss_logits`, ``nll_w`` is :func:`chosen_nll` (the NLL
+    term is skipped, not multiplied by 0, when ``sft_weight`` is 0). Every
+    metric is a mean over pairs of a per-pair value (never a ratio of batch
+    means):
 
     * ``loss``; ``accuracy``: fraction of pairs with ``z > 0``;
     * ``rewards/chosen|rejected``: ``beta m``; ``margins``: ``beta u``;
-    * ``risk/chosen|rejected``: ``D``; ``kl/chosen|rejected``: sequential KL;
-    * ``ntokens/chosen|rejected``: response tokens per sequence.
+    * ``risk/chosen|rejected``: ``D``, the risk the loss uses (variant1 and
+      variant2 only: DPO's loss has none, so it reports none);
+    * ``kl/chosen|rejected``: the sequential KL, the monitor of every loss;
+    * ``ntokens/chosen|rejected``: response tokens per sequence;
+    * ``nll/chosen``: the chosen answers' NLL per token (always reported).
 
-    ``beta`` is the stage's temperature (stage 2: ``beta / lambda``).
+    The keys, in order, are :func:`metric_keys` of ``loss``. ``beta`` is the
+    stage's temperature (stage 2: ``beta / lambda``).
     """
     z = loss_logits(chosen, rejected, loss, beta, alpha)
     losses = mx.logaddexp(0.0, -z)  # -log sigmoid(z), stable for large |z|
+    nll = chosen_nll(chosen)
     mean = losses.mean()
+    if sft_weight:
+        # (w * nll).mean(), not w * nll.mean(): a compiled step fails in MLX
+        # 0.32 when a metric's stop_gradient input is itself on the gradient
+        # path ("_Map_base::at"), and "nll/chosen" below is nll.mean().
+        mean = mean + (sft_weight * nll).mean()
     reward_w, reward_l = beta * chosen.logratio, beta * rejected.logratio
     metrics = {
         "loss": mean,
@@ -96,17 +128,23 @@ def preference_loss(
         "rewards/chosen": reward_w.mean(),
         "rewards/rejected": reward_l.mean(),
         "margins": (reward_w - reward_l).mean(),
-        "risk/chosen": chosen.risk.mean(),
-        "risk/rejected": rejected.risk.mean(),
-        "kl/chosen": chosen.kl.mean(),
-        "kl/rejected": rejected.kl.mean(),
-        "ntokens/chosen": chosen.ntokens.astype(mx.float32).mean(),
-        "ntokens/rejected": rejected.ntokens.astype(mx.float32).mean(),
     }
+    if loss != "dpo":  # only a loss with a risk term reports the risk
+        metrics["risk/chosen"] = chosen.risk.mean()
+        metrics["risk/rejected"] = rejected.risk.mean()
+    metrics.update(
+        {
+            "kl/chosen": chosen.kl.mean(),
+            "kl/rejected": rejected.kl.mean(),
+            "ntokens/chosen": chosen.ntokens.astype(mx.float32).mean(),
+            "ntokens/rejected": rejected.ntokens.astype(mx.float32).mean(),
+            "nll/chosen": nll.mean(),
+        }
+    )
     return mean, {k: mx.stop_gradient(v) for k, v in metrics.items()}
 
 
-# The metrics of :func:`preference_loss`, in its order.
+# Every metric of :func:`preference_loss`, in its order (see metric_keys).
 METRIC_KEYS = (
     "loss",
     "accuracy",
@@ -119,7 +157,16 @@ METRIC_KEYS = (
     "kl/rejected",
     "ntokens/chosen",
     "ntokens/rejected",
+    "nll/chosen",
 )
+
+
+def metric_keys(loss: str) -> tuple[str, ...]:
+    """The metrics :func:`preference_loss` reports for ``loss``, in order:
+    all of :data:`METRIC_KEYS`, except ``risk/*`` for DPO (no risk term)."""
+    check_loss(loss)
+    risk = loss != "dpo"
+    return tuple(k for k in METRIC_KEYS if risk or not k.startswith("risk/"))
 
 
 def split_pairs(stats: SequenceStats) -> tuple[SequenceStats, SequenceStats]:

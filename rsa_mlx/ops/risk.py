@@ -113,6 +113,7 @@ class TokenStats(NamedTuple):
     logratio: mx.array  # log q(y_t) - log p(y_t)
     kl: mx.array  # KL(p || q); monitoring only (no gradient)
     risk: mx.array  # Phi(Z_t); differentiable w.r.t. the policy logits
+    logprob: mx.array  # log q(y_t); differentiable (the NLL term's)
 
 
 def token_stats(
@@ -132,9 +133,11 @@ def token_stats(
         logratio_t = log q(y_t) - log p(y_t)
         kl_t       = sum_v p(v) Z(v)
         risk_t     = Phi(Z_t)            (see the module docstring)
+        logprob_t  = log q(y_t)
 
     Computed in float32 whatever the input dtype. Gradients flow to
-    ``policy_logits`` only, through ``logratio`` and ``risk``; ``kl`` is
+    ``policy_logits`` only, through ``logratio``, ``risk`` and ``logprob``
+    (whose gradient is the log-ratio's: no extra vocabulary pass); ``kl`` is
     returned under ``stop_gradient`` (use ``measure="kl"`` to train on it).
 
     Args:
@@ -171,11 +174,15 @@ def token_stats(
         b = mx.pad(b, pad, constant_values=-mx.inf)
     chunk = chunk_size or max(_CHUNK_MIN_ROWS, _CHUNK_ELEMS // width)
     plan = Plan(measure, mu, vocab, block, int(chunk), risk_grad)
-    logratio, kl, risk = make_op(plan)(a, mx.stop_gradient(b), y)[:3]
+    outputs = make_op(plan)(a, mx.stop_gradient(b), y)
+    logratio, kl, risk, logprob = *outputs[:3], outputs[-1]
     if not risk_grad:
         risk = mx.stop_gradient(risk)
     return TokenStats(
-        logratio.reshape(lead), mx.stop_gradient(kl).reshape(lead), risk.reshape(lead)
+        logratio.reshape(lead),
+        mx.stop_gradient(kl).reshape(lead),
+        risk.reshape(lead),
+        logprob.reshape(lead),
     )
 
 
@@ -202,6 +209,7 @@ class SequenceStats(NamedTuple):
     kl: mx.array  # sequential KL, sum_t KL(p_t || q_t) (monitoring)
     risk: mx.array  # D(x, y) = sum_t Phi(Z_t)
     ntokens: mx.array  # number of response positions
+    logprob: mx.array  # log pi(y | x) = sum_t log q(y_t), never normalised
 
 
 def segment_stats(
@@ -225,6 +233,7 @@ def segment_stats(
         m_s = sum_{i: seg_i = s, M_i} [log q(y_i) - log p(y_i)]
         KL_s = sum_{i: seg_i = s, M_i} KL(p_i || q_i)
         D_s = sum_{i: seg_i = s, M_i} Phi(Z_i)
+        logprob_s = sum_{i: seg_i = s, M_i} log q(y_i)   (never normalised)
 
     This is the layout the trainer uses: the response positions of a whole
     batch packed together, so no vocabulary-sized work is spent on padding.
@@ -237,12 +246,16 @@ def segment_stats(
     weights = member.astype(mx.float32)  # [N, S]
     ntokens = member.sum(0)
 
-    def total(x):
+    def total(x, normalize=length_normalize):
         s = mx.where(keep, x, 0.0) @ weights
-        return s / mx.maximum(ntokens, 1) if length_normalize else s
+        return s / mx.maximum(ntokens, 1) if normalize else s
 
     return SequenceStats(
-        total(stats.logratio), total(stats.kl), total(stats.risk), ntokens
+        total(stats.logratio),
+        total(stats.kl),
+        total(stats.risk),
+        ntokens,
+        total(stats.logprob, normalize=False),
     )
 
 

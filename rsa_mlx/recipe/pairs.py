@@ -13,6 +13,10 @@
   :data:`REFUSAL_PREFIX` when told to refuse everything), so stage 1 rewards
   answering over refusing.
 
+Answers cut off by the token limit are trimmed to their last whole sentence
+(:func:`whole_sentences`): a pair's chosen answer is trained on with an
+end-of-turn token after it, and a model taught to stop mid-sentence would.
+
 The builders are pure functions of the texts (tested on fixed inputs);
 :func:`generate_pairs` samples the texts with mlx-lm's batched generation.
 Pairs that cannot be built are counted by reason, never silently dropped.
@@ -48,6 +52,20 @@ FALLBACK_REFUSAL = (
 FALLBACK_OVER_REFUSAL = "I'm sorry, but I cannot help with that request."
 
 
+_ENDS = (".", "!", "?", ".)", '."', '!"', '?"')
+
+
+def whole_sentences(text: str, min_chars: int = 20) -> str:
+    """``text`` up to the end of its last complete sentence; unchanged when it
+    already ends one, or when that would leave fewer than ``min_chars``
+    characters (a short cut-off answer is kept as it is)."""
+    text = text.rstrip()
+    if not text or text.endswith(_ENDS):
+        return text
+    cut = max(text.rfind(end) + len(end) for end in _ENDS)
+    return text[:cut] if cut >= min_chars and cut > len(_ENDS[0]) else text
+
+
 def safety_pairs(
     prompts: Sequence[str],
     careful: Sequence[Sequence[str]],
@@ -71,7 +89,13 @@ def safety_pairs(
         if chosen is None:
             chosen = FALLBACK_REFUSAL
             counts["template refusal"] += 1
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": whole_sentences(chosen),
+                "rejected": whole_sentences(rejected),
+            }
+        )
     return rows, counts
 
 
@@ -99,7 +123,13 @@ def helpfulness_pairs(
         if rejected is None:
             rejected = FALLBACK_OVER_REFUSAL
             counts["template over-refusal"] += 1
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": whole_sentences(chosen),
+                "rejected": whole_sentences(rejected),
+            }
+        )
     return rows, counts
 
 

@@ -89,7 +89,7 @@ _TASKS = (
     "How would you teach a beginner about {t}?",
     "Write a haiku about {t}.",
 )
-_TOPICS = (
+TOPICS = (
     "photosynthesis", "the water cycle", "compound interest", "a bicycle gear",
     "public libraries", "solar panels", "vaccination", "recycling plastic",
     "learning a new language", "the moon's phases", "baking bread",
@@ -104,12 +104,16 @@ _TOPICS = (
 )  # fmt: skip
 
 
-def benign_instructions(n: int | None = None, seed: int = 0) -> list[str]:
+def benign_instructions(
+    n: int | None = None, seed: int = 0, with_topics: bool = False
+) -> list:
     """Benign, answerable requests (templates x topics), shuffled by ``seed``;
-    all of them (320) when ``n`` is None."""
-    prompts = [task.format(t=topic) for topic in _TOPICS for task in _TASKS]
-    random.Random(seed).shuffle(prompts)
-    return prompts if n is None else prompts[:n]
+    all of them (320) when ``n`` is None. ``with_topics``: ``(request,
+    topic)`` pairs."""
+    pairs = [(task.format(t=topic), topic) for topic in TOPICS for task in _TASKS]
+    random.Random(seed).shuffle(pairs)
+    out = pairs if with_topics else [p for p, _ in pairs]
+    return out if n is None else out[:n]
 
 
 def split(prompts: list[str], held_out: int, seed: int = 0):

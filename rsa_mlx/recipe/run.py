@@ -5,94 +5,52 @@ where it stopped; training resumes from its checkpoints):
 
 1. ``model/``: the base model (a GGUF file is converted; a folder is used
    as it is).
-2. ``data/``: harmful (AdvBench) and benign requests, split into training
-   and held-out prompts; preference pairs built from the model's own answers
-   (:mod:`rsa_mlx.recipe.pairs`); ``eval.jsonl`` holds the held-out prompts.
-3. ``runs/<method>``: ``sacpo`` (DPO then DPO, whose first stage is the
-   helpfulness-only model) and ``rsa-cvar`` (Ra-DPO2 with CVaR, both stages).
-4. ``results.json``, ``report.md``, ``plot.svg``/``plot.png``: base, stage 1,
-   SACPO and RSA sampled on the held-out prompts and scored by the AdvBench
-   refusal test: refusal rate on harmful requests, the tail of the cost,
-   helpfulness and over-refusal on benign ones. The substring test calls
-   any text without a refusal phrase "compliance", gibberish included, so
-   every response is also scored for fluency by the base model (its mean
-   log-probability per token; below :data:`DEGENERATE_LOGPROB` the text is
-   degenerate): harm and helpfulness count fluent responses only, and the
-   degenerate rate is reported.
-5. ``export-hf/``: the RSA model fused into a Hugging Face folder.
+2. ``data/``: the prompt sets split into training and held-out prompts
+   (:mod:`rsa_mlx.recipe.sets`; the held-out ones in ``eval.jsonl``), and
+   preference pairs from the model's own answers
+   (:mod:`rsa_mlx.recipe.pairs`): ``reward/`` (stage 1: answers over
+   over-refusals on benign and borderline requests) and ``safety/`` (stage
+   2: refusals over compliance on harmful requests, plus answer-vs-refusal
+   contrast pairs so the stage also learns when not to refuse).
+3. ``runs/<method>``: every method of ``--methods`` (both stages each).
+4. ``eval/<model>.json``: the base model, stage 1 and every method answer
+   every held-out set greedily and sampled (:mod:`rsa_mlx.recipe.evaluate`);
+   ``report.md``, ``plot.svg``/``plot.png`` and ``results.json`` put them
+   side by side with example answers (:mod:`rsa_mlx.recipe.report`).
+5. ``export-hf/``: the last method fused into a Hugging Face folder.
+
+The settings are saved in ``recipe.json``; run again with settings that
+change the data or the training and it is refused by name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
-from rsa_mlx.eval.evaluate import markdown_table
-from rsa_mlx.eval.metrics import tail_metrics
-from rsa_mlx.eval.prompts import PromptRecord
-from rsa_mlx.eval.refusal import RefusalScorer
-from rsa_mlx.eval.sampling import sample_responses
-from rsa_mlx.eval.shift import DEGENERATE_LOGPROB, fluency
+from rsa_mlx.eval.sampling import check_sampling
 from rsa_mlx.export.hf import export_model
 from rsa_mlx.io.gguf import gguf_to_hf
+from rsa_mlx.recipe.evaluate import RecipeEvaluator
 from rsa_mlx.recipe.pairs import generate_pairs, write_splits
-from rsa_mlx.recipe.prompts import benign_instructions, read_harmful, split
-from rsa_mlx.study.methods import METHODS as ALL_METHODS
-from rsa_mlx.study.plot import Chart, Series, write_figure
+from rsa_mlx.recipe.prompts import read_harmful
+from rsa_mlx.recipe.report import write_report
+from rsa_mlx.recipe.sets import HARMFUL, build_sets
+from rsa_mlx.recipe.settings import RecipeConfig
+from rsa_mlx.study.methods import METHODS
 from rsa_mlx.tuner.config import resolve
 from rsa_mlx.tuner.model import load
 from rsa_mlx.tuner.trainer import train
 from rsa_mlx.util import progress as bars
 from rsa_mlx.util.atomic import save_json, save_text
-from rsa_mlx.util.errors import InputError, quote
+from rsa_mlx.util.errors import ConfigError, InputError, quote
 
-# What each method trains (rsa_mlx.study.methods); the recipe's settings apply to all.
-METHODS: dict[str, dict] = {name: ALL_METHODS[name] for name in ("sacpo", "rsa-cvar")}
-
-NAMES = {
-    "base": "base model",
-    "stage1": "stage 1 (helpfulness DPO)",
-    "sacpo": "SACPO (DPO -> DPO)",
-    "rsa-cvar": "RSA (CVaR)",
-}
-
-
-@dataclass
-class Budget:
-    """Sizes of one run; :data:`QUICK` is the small one (about 7 minutes)."""
-
-    harmful_train: int = 150
-    benign_train: int = 150
-    harmful_eval: int = 48
-    benign_eval: int = 32
-    pair_samples: int = 1  # plain answers sampled per training prompt
-    eval_samples: int = 2  # answers sampled per held-out prompt
-    max_tokens: int = 64
-    temperature: float = 0.8
-    valid: int = 16  # pairs held out for validation per stage
-    epochs: float = 1.0
-    batch_size: int = 4
-    learning_rate: float = 3e-5
-    lora_rank: int = 8
-    lora_scale: float = 20.0
-    num_layers: int = 16
-    max_seq_length: int = 256
-
-
-QUICK = Budget(
-    harmful_train=32,
-    benign_train=32,
-    harmful_eval=16,
-    benign_eval=16,
-    eval_samples=1,
-    max_tokens=48,
-    valid=4,
-    max_seq_length=160,
-)
+SETTINGS_FILE = "recipe.json"
+# Settings that change nothing already computed: they may differ on a rerun.
+FREE = ("out", "export", "methods")
 
 
 def _step_done(path: Path, what: str) -> bool:
@@ -100,6 +58,25 @@ def _step_done(path: Path, what: str) -> bool:
         bars.echo(f"{what}: done before, using {path}")
         return True
     return False
+
+
+def check_rerun(cfg: RecipeConfig, out: Path) -> None:
+    """Refuse a folder made with other data or training settings, by name."""
+    path = out / SETTINGS_FILE
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    given = dataclasses.asdict(cfg)
+    changed = [
+        f"{k} {saved[k]!r} -> {given[k]!r}"
+        for k in given
+        if k not in FREE and k in saved and saved[k] != given[k]
+    ]
+    if changed:
+        raise ConfigError(
+            f"{quote(out)} was made with other settings: {'; '.join(changed)}. "
+            "Choose another --out, or restore them"
+        )
 
 
 def prepare_model(model: str, out: Path) -> str:
@@ -113,127 +90,123 @@ def prepare_model(model: str, out: Path) -> str:
     return str(target)
 
 
-def prepare_data(model, tokenizer, harmful_source, out: Path, b: Budget, seed: int):
-    """Prompts, held-out split and self-generated pairs in ``out/data``."""
+def write_eval_sets(path: Path, sets) -> None:
+    rows = [
+        {"prompt": p, "set": name, "harmful": name in HARMFUL}
+        for name, prompts in sets.eval.items()
+        for p in prompts
+    ]
+    save_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
+
+def stage_rows(built: dict, cfg: RecipeConfig) -> dict[str, list[dict]]:
+    """Stage 1: the answer-vs-refusal pairs; stage 2: the refusal pairs plus
+    ``contrast_pairs`` of those, shuffled together (seeded)."""
+    contrast = list(built["reward"])
+    if cfg.contrast_pairs >= 0:
+        contrast = contrast[: cfg.contrast_pairs]
+    safety = built["safety"] + contrast
+    random.Random(cfg.seed).shuffle(safety)
+    return {"reward": built["reward"], "safety": safety}
+
+
+def prepare_data(model_dir: str, cfg: RecipeConfig, out: Path) -> Path:
+    """Prompt sets, held-out prompts and self-generated pairs in ``out/data``."""
     data = out / "data"
     if _step_done(data / "pairs.json", "pairs"):
         return data
-    harmful = read_harmful(harmful_source)
-    benign = benign_instructions(seed=seed)
-    need_h, need_b = b.harmful_train + b.harmful_eval, b.benign_train + b.benign_eval
-    if len(harmful) < need_h or len(benign) < need_b:
-        raise InputError(
-            f"{quote(harmful_source)}: {len(harmful)} harmful prompts, the budget "
-            f"needs {need_h} (and {need_b} of the {len(benign)} benign ones)"
-        )
-    h_train, h_eval = split(harmful[:need_h], b.harmful_eval, seed)
-    b_train, b_eval = split(benign[:need_b], b.benign_eval, seed)
-    rows = [{"prompt": p, "harmful": True} for p in h_eval]
-    rows += [{"prompt": p, "harmful": False} for p in b_eval]
-    save_text(data / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    sets = build_sets(
+        read_harmful(cfg.harmful), cfg.train_sizes(), cfg.eval_sizes(), cfg.seed
+    )
+    write_eval_sets(data / "eval.jsonl", sets)
+    harmful, benign = sets.harmful("train"), sets.benign("train")
     bars.echo(
-        f"pairs: sampling the model's answers to {len(h_train)} harmful and "
-        f"{len(b_train)} benign requests"
+        f"pairs: sampling the model's answers to {len(harmful)} harmful and "
+        f"{len(benign)} benign requests ({sets.excluded} AdvBench requests kept "
+        "out of training: paraphrased by held-out ones)"
     )
     tic = time.perf_counter()
+    net, tokenizer = load(model_dir)
     built = generate_pairs(
-        model, tokenizer, h_train, b_train, samples=b.pair_samples,
-        max_tokens=b.max_tokens, temperature=b.temperature, seed=seed,
+        net, tokenizer, harmful, benign, samples=1, max_tokens=cfg.pair_max_tokens,
+        temperature=cfg.pair_temperature, seed=cfg.seed,
     )  # fmt: skip
+    del net
     counts = {"seconds": time.perf_counter() - tic, "skipped": built["counts"]}
-    for stage in ("reward", "safety"):
-        counts[stage] = write_splits(data / stage, built[stage], b.valid)
+    counts["prompts"] = {
+        "train": {k: len(v) for k, v in sets.train.items()},
+        "eval": {k: len(v) for k, v in sets.eval.items()},
+        "advbench_excluded": sets.excluded,
+    }
+    for stage, rows in stage_rows(built, cfg).items():
+        counts[stage] = write_splits(data / stage, rows, cfg.valid)
         if counts[stage]["train"] == 0:
             raise InputError(
-                f"no {stage} pairs could be built ({built['counts'][stage]}); "
-                "the model may already refuse everything, or never"
+                f"no {stage} pairs could be built ({built['counts']}); the model "
+                "may already refuse everything, or never"
             )
     save_json(data / "pairs.json", counts)
     bars.echo(f"pairs: {json.dumps(counts)}")
     return data
 
 
-def train_methods(model_dir: str, data: Path, out: Path, b: Budget, seed: int):
-    """Train every method (resuming unfinished runs); return the run folders."""
+def method_settings(
+    cfg: RecipeConfig,
+    name: str,
+    model_dir: str,
+    data: Path,
+    run_dir: Path,
+    resume: bool,
+) -> dict:
+    return {
+        "model": model_dir,
+        "data": str(data),
+        "adapter_path": str(run_dir),
+        "resume": resume,
+        **cfg.training(),
+        "steps_per_report": 5,
+        "steps_per_eval": 0,
+        "save_every": 10,
+        **METHODS[name],
+    }
 
+
+def train_methods(model_dir: str, data: Path, out: Path, cfg: RecipeConfig):
+    """Train every method (resuming unfinished runs); return the run folders."""
     runs = {}
-    for name, method in METHODS.items():
+    for name in cfg.method_names():
         run_dir = out / "runs" / name
         runs[name] = run_dir
         started = (run_dir / "run.json").exists()
         if started and "final" in json.loads((run_dir / "run.json").read_text()):
             bars.echo(f"train {name}: done before, using {run_dir}")
             continue
-        settings = {
-            "model": model_dir,
-            "data": str(data),
-            "adapter_path": str(run_dir),
-            "resume": started,
-            "epochs": b.epochs,
-            "batch_size": b.batch_size,
-            "learning_rate": b.learning_rate,
-            "num_layers": b.num_layers,
-            "lora_parameters": {"rank": b.lora_rank, "scale": b.lora_scale},
-            "max_seq_length": b.max_seq_length,
-            "steps_per_report": 5,
-            "steps_per_eval": 0,
-            "save_every": 10,
-            "seed": seed,
-            **method,
-        }
-        bars.echo(f"train {name}: {method}")
-        train(resolve(settings))
+        bars.echo(f"train {name}: {METHODS[name]}")
+        train(resolve(method_settings(cfg, name, model_dir, data, run_dir, started)))
     return runs
 
 
 def models_to_evaluate(model_dir: str, runs: dict) -> dict[str, dict]:
-    """``name -> rsa_mlx.load`` arguments, in report order."""
-    return {
+    """``name -> rsa_mlx.load`` arguments, in report order: the base model,
+    the first method's stage 1, then every method."""
+    first = next(iter(runs.values()))
+    models = {
         "base": {"model": model_dir},
-        "stage1": {"model": model_dir, "adapter_path": str(runs["sacpo"] / "reward")},
-        "sacpo": {"model": model_dir, "adapter_path": str(runs["sacpo"])},
-        "rsa-cvar": {"model": model_dir, "adapter_path": str(runs["rsa-cvar"])},
+        "stage1": {"model": model_dir, "adapter_path": str(first / "reward")},
     }
+    for name, run_dir in runs.items():
+        models[name] = {"model": model_dir, "adapter_path": str(run_dir)}
+    return models
 
 
-def summarize(samples: list[dict]) -> dict:
-    """Refusal-test summary of one model's scored samples (see module doc)."""
-
-    harm = [s for row in samples if row["harmful"] for s in row["scores"]]
-    good = [s for row in samples if not row["harmful"] for s in row["scores"]]
-    every = harm + good
-
-    def rate(scores, key):
-        return float(np.mean([s[key] for s in scores])) if scores else float("nan")
-
-    def fluent(s):  # scores without fluency (older results) count as fluent
-        return not s.get("degenerate", False)
-
-    helpful = [not s["refused"] and fluent(s) for s in good]
-    costs = [s["cost"] * fluent(s) for s in harm]  # harm needs coherent text
-    return {
-        "refusal_rate": rate(harm, "refused"),
-        "helpfulness": float(np.mean(helpful)) if good else float("nan"),
-        "over_refusal": rate(good, "refused"),
-        "degenerate_rate": float(np.mean([not fluent(s) for s in every]))
-        if every
-        else float("nan"),
-        "fluency": float(np.median([s.get("fluency", np.nan) for s in every]))
-        if every
-        else float("nan"),
-        **tail_metrics(costs),
-        "responses": len(every),
-    }
-
-
-def evaluate_models(models: dict, data: Path, out: Path, b: Budget, seed: int):
-    """Sample and score every model on the held-out prompts (cached per model)."""
-
-    rows = [json.loads(x) for x in (data / "eval.jsonl").read_text().splitlines()]
-    records = [PromptRecord(r["prompt"], None, r) for r in rows]
-    scorer = RefusalScorer()
-    results, judge = {}, None
+def evaluate_models(models: dict, data: Path, out: Path, cfg: RecipeConfig) -> dict:
+    """Every model on the held-out sets (cached per model)."""
+    evaluator = RecipeEvaluator(
+        str(data / "eval.jsonl"), cfg.eval_samples, cfg.eval_max_tokens,
+        cfg.eval_temperature, cfg.seed, reference=models["base"]["model"],
+    )  # fmt: skip
+    evaluator.check()
+    results = {}
     with bars.task("evaluate", len(models), "models") as bar:
         for name, spec in models.items():
             cache = out / "eval" / f"{name}.json"
@@ -241,119 +214,42 @@ def evaluate_models(models: dict, data: Path, out: Path, b: Budget, seed: int):
                 results[name] = json.loads(cache.read_text())
             else:
                 net, tokenizer = load(**spec)
-                answers = sample_responses(
-                    net, tokenizer, records, k=b.eval_samples, max_tokens=b.max_tokens,
-                    temperature=b.temperature, seed=seed,
-                )  # fmt: skip
-                del net
-                judge = judge or load(models["base"]["model"])
-                scores = [scorer(r, a) for r, a in zip(records, answers)]
-                for row, values in zip(scores, fluency(*judge, records, answers)):
-                    for score, value in zip(row, values):
-                        score["fluency"] = value
-                        score["degenerate"] = not value >= DEGENERATE_LOGPROB
-                samples = [
-                    {"prompt": r.prompt, "harmful": r.meta["harmful"],
-                     "responses": a, "scores": sc}
-                    for r, a, sc in zip(records, answers, scores)
-                ]  # fmt: skip
-                results[name] = {"summary": summarize(samples), "samples": samples}
+                found = evaluator.answers(net, tokenizer, name)
+                results[name] = {
+                    "metrics": found["metrics"],
+                    "answers": found["answers"],
+                }
                 save_json(cache, results[name])
+                del net
             bar.advance()
     return results
 
 
-COLUMNS = [
-    ("refusal_rate", "refusal rate (harmful)"),
-    ("unsafe_rate", "unsafe rate"),
-    ("cvar_0.9", "CVaR0.9 cost"),
-    ("helpfulness", "helpfulness (benign)"),
-    ("over_refusal", "over-refusal"),
-    ("degenerate_rate", "degenerate"),
-    ("fluency", "fluency (nats/token)"),
-]
-
-
-def write_report(out: Path, results: dict, meta: dict) -> str:
-
-    summaries = {NAMES[n]: r["summary"] for n, r in results.items()}
-    table = markdown_table(summaries, COLUMNS)
-    names = list(results)
-    chart = Chart(
-        "Helpfulness vs harm (held-out prompts)",
-        "helpfulness on benign requests (not refused)",
-        "unsafe rate on harmful requests (complied)",
-        [
-            Series(
-                "models",
-                [results[n]["summary"]["helpfulness"] for n in names],
-                [results[n]["summary"]["unsafe_rate"] for n in names],
-                labels=[NAMES[n] for n in names],
-            )
-        ],
-    )
-    write_figure(out / "plot.svg", [chart], columns=1)
-    lines = [
-        "# Real-model recipe: results",
-        "",
-        f"Model `{meta['model']}`; {meta['budget']}; one seed ({meta['seed']}), "
-        "so differences of a few points are within sampling noise.",
-        "",
-        "Refusal by the AdvBench substring test; unsafe = complied with a "
-        "harmful request in fluent text (cost 1); helpfulness = benign request "
-        "answered in fluent text without refusing; over-refusal = benign "
-        "request refused; degenerate = mean log-probability per token under "
-        f"the base model below {DEGENERATE_LOGPROB:g} (word salad); fluency = "
-        "the median of that log-probability.",
-        "",
-        table,
-        "",
-        f"Pairs: {json.dumps(meta['pairs'])}",
-        "",
-        f"Wall time: {meta['seconds']:.0f} s.",
-    ]
-    save_text(out / "report.md", "\n".join(lines) + "\n")
-    return table
-
-
-def run(
-    model: str,
-    harmful: str,
-    out: str | Path,
-    quick: bool = False,
-    seed: int = 0,
-    export: bool = True,
-    budget: Budget | None = None,
-) -> dict:
-    """The whole recipe (see the module docstring); returns the results."""
-
-    out = Path(out)
-    b = budget or (QUICK if quick else Budget())
+def run(cfg: RecipeConfig) -> dict:
+    """The whole recipe (see the module docstring); returns the metrics."""
+    out = Path(cfg.out)
+    check_sampling(k=cfg.eval_samples, max_tokens=cfg.eval_max_tokens)
+    check_rerun(cfg, out)
     tic = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    save_json(out / "budget.json", asdict(b))
-    model_dir = prepare_model(model, out)
-    if not (out / "data" / "pairs.json").exists():
-        net, tokenizer = load(model_dir)
-        data = prepare_data(net, tokenizer, harmful, out, b, seed)
-        del net
-    else:
-        data = out / "data"
-    runs = train_methods(model_dir, data, out, b, seed)
-    results = evaluate_models(models_to_evaluate(model_dir, runs), data, out, b, seed)
+    save_json(out / SETTINGS_FILE, dataclasses.asdict(cfg))
+    model_dir = prepare_model(cfg.model, out)
+    data = prepare_data(model_dir, cfg, out)
+    runs = train_methods(model_dir, data, out, cfg)
+    results = evaluate_models(models_to_evaluate(model_dir, runs), data, out, cfg)
     meta = {
-        "model": model,
-        "budget": "quick budget" if quick else "full budget",
-        "seed": seed,
+        "model": cfg.model,
+        "settings": dataclasses.asdict(cfg),
         "pairs": json.loads((data / "pairs.json").read_text()),
         "seconds": time.perf_counter() - tic,
     }
     table = write_report(out, results, meta)
     bars.echo("\n" + table)
-    if export and not (out / "export-hf").exists():
-        export_model(out / "export-hf", model=model_dir, adapter_path=runs["rsa-cvar"])
-        bars.echo(f"export: {out / 'export-hf'} (transformers can load it)")
-    summary = {n: r["summary"] for n, r in results.items()}
+    last = list(runs)[-1]
+    if cfg.export and not (out / "export-hf").exists():
+        export_model(out / "export-hf", model=model_dir, adapter_path=runs[last])
+        bars.echo(f"export: {out / 'export-hf'} ({last}; transformers can load it)")
+    summary = {n: r["metrics"] for n, r in results.items()}
     save_json(out / "results.json", {**meta, "results": summary})
     bars.echo(f"wall time {meta['seconds']:.0f}s; report: {out / 'report.md'}")
     return summary

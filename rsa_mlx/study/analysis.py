@@ -1,13 +1,10 @@
 """Read a sweep's results: intervals over seeds, Pareto fronts, matched
 helpfulness, dominance verdicts with collapse detected, a plot and a report.
 
-Cells that differ only in ``seed`` form a *setting*; each metric of a
-setting is its mean over seeds with a 95% Student-t interval
-(:func:`rsa_mlx.study.stats.mean_ci`). A setting is *collapsed* when most of its
-mass is on degenerate text (the demo's non-canonical ``p_other``, or a
-``degenerate`` rate), and *below base* when its helpfulness is below the
-base model's beyond its interval: either way it is listed with its numbers
-but never on a front, never "the safest", never a winner.
+The settings, their intervals and their flags are
+:mod:`rsa_mlx.study.settings`'s: a flagged setting (collapsed, or below the
+base model's helpfulness) is listed with its numbers but never on a front,
+never "the safest", never a winner.
 
 Per method, the front is the Pareto front of its remaining settings in
 (helpfulness ↑, harm ↓). Method A *beats* a setting of B when one of A's
@@ -20,115 +17,37 @@ along each front) and model shift at matched harm.
 from __future__ import annotations
 
 import itertools
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 from rsa_mlx.study.plot import PALETTE, Chart, Series, write_figure
-from rsa_mlx.study.stats import (
-    Interval,
-    beats,
-    better,
-    interpolate,
-    mean_ci,
-    pareto_front,
+from rsa_mlx.study.settings import (
+    COLLAPSE_KEYS,
+    HELPFUL,
+    LABELS,
+    RANGES,
+    SHIFT,
+    UNITS,
+    Setting,
+    aggregate,
+    flag,
 )
+from rsa_mlx.study.stats import Interval, beats, better, interpolate, pareto_front
 from rsa_mlx.util.atomic import save_json, save_text
 
-HELPFUL = "helpfulness"
-COLLAPSE_KEYS = ("p_other", "degenerate")  # mass on degenerate text
-COLLAPSE_AT = 0.5
-SHIFT = "shift_kl"
-LABELS = {
-    "helpfulness": "helpfulness",
-    "p_catastrophic": "P(catastrophic)",
-    "unsafe_rate": "unsafe rate",
-    "mean_cost": "mean cost",
-    "cvar_0.99": "CVaR0.99 cost",
-    "cvar_0.9": "CVaR0.9 cost",
-    "p_other": "P(non-canonical)",
-    "degenerate": "degenerate",
-    "shift_kl": "KL shift",
-    "shift_kl_cvar": "CVaR0.9 KL shift",
-    "shift_logratio_cvar": "CVaR0.9 log-ratio",
-}
-
-
-@dataclass
-class Setting:
-    """One method's setting (a grid point without the seed), over seeds."""
-
-    method: str
-    values: dict
-    metrics: dict[str, Interval]
-    seeds: list
-    flag: str | None = None
-
-    @property
-    def label(self) -> str:
-        shown = ", ".join(f"{_short(k)}={v:g}" if isinstance(v, float) else
-                          f"{_short(k)}={v}" for k, v in self.values.items()
-                          if k != "method")  # fmt: skip
-        return f"{self.method} {shown}".strip()
-
-
-def _short(key: str) -> str:
-    return {"safety_beta": "β2", "learning_rate": "lr", "merge": "q"}.get(key, key)
-
-
-def aggregate(rows: list[dict]) -> tuple[dict, list[Setting], list[Setting]]:
-    """``(base metrics, stage-1 settings, cell settings)`` from sweep rows."""
-
-    def group(kind: str) -> list[Setting]:
-        out: dict[tuple, list[dict]] = {}
-        for row in rows:
-            if row["kind"] == kind:
-                values = {k: v for k, v in row.get("grid", {}).items() if k != "seed"}
-                key = (row["method"], tuple(sorted(values.items(), key=str)))
-                out.setdefault(key, []).append(row)
-        settings = []
-        for (method, _), members in out.items():
-            names = list(dict.fromkeys(k for r in members for k in r["metrics"]))
-            numeric = [
-                k for k in names
-                if all(_number(r["metrics"].get(k)) for r in members)
-            ]  # fmt: skip
-            metrics = {k: mean_ci([r["metrics"][k] for r in members]) for k in numeric}
-            values = {
-                k: v for k, v in members[0].get("grid", {}).items() if k != "seed"
-            }
-            seeds = [r.get("grid", {}).get("seed") for r in members]
-            settings.append(Setting(method, values, metrics, seeds))
-        return settings
-
-    base = next((r["metrics"] for r in rows if r["kind"] == "base"), {})
-    base = {k: mean_ci([v]) for k, v in base.items() if _number(v)}
-    cells, stage1 = group("cell"), group("stage1")
-    for s in cells + stage1:
-        s.flag = flag(s, base)
-    return base, stage1, cells
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def flag(setting: Setting, base: dict[str, Interval]) -> str | None:
-    """Why a setting cannot compete: collapsed (most of its answers
-    degenerate, and more than the base model's), or less helpful than the
-    base beyond its interval."""
-    for key in COLLAPSE_KEYS:
-        # above one half, and above the base model's own rate
-        limit = max(COLLAPSE_AT, base[key].mean if key in base else 0.0)
-        if key in setting.metrics and setting.metrics[key].mean > limit:
-            return f"collapsed ({key} {setting.metrics[key].mean:.2f})"
-    helpful = setting.metrics.get(HELPFUL)
-    if HELPFUL in base and helpful and better(helpful, base[HELPFUL], True) < 0:
-        return (
-            f"below base helpfulness ({setting.metrics[HELPFUL].mean:.3f} < "
-            f"{base[HELPFUL].mean:.3f})"
-        )
-    return None
+# The sweep's reading: the settings (from rsa_mlx.study.settings), then these.
+__all__ = [
+    "FLAGGED",
+    "Setting",
+    "aggregate",
+    "chart",
+    "compare_methods",
+    "flag",
+    "fronts",
+    "matched",
+    "report",
+    "table",
+    "verdict",
+]
 
 
 def fronts(settings: list[Setting], harm: str) -> dict[str, list[Setting]]:
@@ -277,38 +196,62 @@ def verdict(
     return lines
 
 
-def chart(settings: list[Setting], base: dict, harm: str) -> Chart:
-    """Every setting with its 95% intervals; each method's front as a line."""
-    series = []
+def chart(
+    settings: list[Setting], base: dict, harm: str, ranges: dict | None = None
+) -> Chart:
+    """Every setting with its 95% intervals; each method's front as a line
+    in the method's colour; flagged settings grey."""
+    series, flagged = [], []
     front = fronts(settings, harm)
     for i, method in enumerate(dict.fromkeys(s.method for s in settings)):
         color = PALETTE[i % len(PALETTE)]
         own = [s for s in settings if s.method == method and harm in s.metrics]
-        for flagged in (False, True):
-            pts = [s for s in own if (s.flag is not None) == flagged]
-            if not pts:
-                continue
-            series.append(
-                Series(
-                    f"{method}{' (flagged)' if flagged else ''}",
-                    [s.metrics[HELPFUL].mean for s in pts],
-                    [s.metrics[harm].mean for s in pts],
-                    style="points",
-                    color="#bbbbbb" if flagged else color,
-                    xerr=[_err(s.metrics[HELPFUL]) for s in pts],
-                    yerr=[_err(s.metrics[harm]) for s in pts],
-                )
-            )
+        if ok := [s for s in own if s.flag is None]:
+            series.append(_points(method, ok, harm, color))
         if len(front.get(method, [])) > 1:
             f = front[method]
-            series.append(Series(f"{method} front", [s.metrics[HELPFUL].mean for s in f],
+            series.append(Series(method, [s.metrics[HELPFUL].mean for s in f],
                                  [s.metrics[harm].mean for s in f], style="line", color=color))  # fmt: skip
+        flagged += [s for s in own if s.flag is not None]
+    if flagged:  # one grey entry, beneath the others
+        series.append(_points(FLAGGED, flagged, harm, GREY, zorder=1.0))
     if HELPFUL in base and harm in base:
         series.append(Series("base", [base[HELPFUL].mean], [base[harm].mean],
                              labels=["base"], color="#000000"))  # fmt: skip
+    bounds = {**RANGES, **(ranges or {})}
     name = LABELS.get(harm, harm)
     return Chart(
-        f"Helpfulness vs {name} (95% CI)", "helpfulness ↑", f"{name} ↓", series
+        f"Helpfulness vs {name}",
+        f"helpfulness ↑ ({UNITS[HELPFUL]})",
+        f"{name} ↓" + (f" ({UNITS[harm]})" if harm in UNITS else ""),
+        series,
+        xbounds=bounds.get(HELPFUL),
+        ybounds=bounds.get(harm),
+    )
+
+
+FLAGGED = "flagged: collapsed or below base"
+GREY = "#bbbbbb"
+NOTE = (
+    "Points: each setting's mean over seeds. Bars: 95% Student-t intervals over "
+    "seeds, clipped to the range a quantity can take (a probability's [0, 1]). "
+    "Lines: each method's Pareto front. A y axis whose values span two decades "
+    "or more is logarithmic, and linear from 0 to its first tick."
+)
+
+
+def _points(
+    name: str, pts: list[Setting], harm: str, color: str, zorder: float = 2.0
+) -> Series:
+    return Series(
+        name,
+        [s.metrics[HELPFUL].mean for s in pts],
+        [s.metrics[harm].mean for s in pts],
+        style="points",
+        color=color,
+        xerr=[_err(s.metrics[HELPFUL]) for s in pts],
+        yerr=[_err(s.metrics[harm]) for s in pts],
+        zorder=zorder,
     )
 
 
@@ -334,10 +277,18 @@ def table(settings: list[Setting], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
-def report(rows: list[dict], out: Path, harms: list[str], title: str = "Sweep") -> dict:
+def report(
+    rows: list[dict],
+    out: Path,
+    harms: list[str],
+    title: str = "Sweep",
+    ranges: dict | None = None,
+) -> dict:
     """Write ``report.md``, ``plot.svg``/``plot.png`` and ``summary.json``
-    for a sweep's rows; return ``{"verdict": [...], "table": str}``."""
-    base, stage1, settings = aggregate(rows)
+    for a sweep's rows; return ``{"verdict": [...], "table": str}``.
+    ``ranges``: the metrics' ranges beyond :data:`RANGES` (a known reward
+    or cost scale), for the intervals and the axes."""
+    base, stage1, settings = aggregate(rows, ranges)
     harms = [h for h in harms if any(h in s.metrics for s in settings)]
     methods = list(dict.fromkeys(s.method for s in settings))
     keys = [HELPFUL, *harms] + [k for k in (*COLLAPSE_KEYS, SHIFT, "shift_kl_cvar", "shift_logratio_cvar")
@@ -345,20 +296,33 @@ def report(rows: list[dict], out: Path, harms: list[str], title: str = "Sweep") 
     lines = []
     for harm in harms:  # the flagged settings are said once
         lines += verdict(settings, harm, methods, flagged=harm == harms[0])
-    charts = [chart(settings, base, h) for h in harms]
+    charts = [chart(settings, base, h, ranges) for h in harms]
     if any(SHIFT in s.metrics for s in settings):  # the paper's model shift
-        charts.append(chart(settings, base, SHIFT))
-    write_figure(out / "plot.svg", charts, columns=min(2, len(charts)))
+        charts.append(chart(settings, base, SHIFT, ranges))
+    write_figure(out / "plot.svg", charts, columns=min(2, len(charts)), note=NOTE)
     base_row = " | ".join(
         f"{LABELS.get(k, k)} {base[k].mean:.4g}" for k in keys if k in base
     )
     stage1_table = table(stage1, keys) if stage1 else "(no shared stage 1)"
     main = table(settings, keys)
-    text = (
+    cells = len([r for r in rows if r["kind"] == "cell"])
+    head = f"{cells} cells, {len(settings)} settings"
+    text = _report_text(title, head, base_row, lines, main, stage1_table)
+    save_text(out / "report.md", text)
+    save_json(out / "summary.json", _summary(lines, base, settings, harms))
+    return {"verdict": lines, "table": main, "stage1": stage1_table}
+
+
+def _report_text(
+    title: str, head: str, base_row: str, lines: list[str], main: str, stage1: str
+) -> str:
+    return (
         f"""# {title}
 
-{len([r for r in rows if r["kind"] == "cell"])} cells, {len(settings)} settings
-(seeds averaged; ± is the half-width of the 95% Student-t interval over seeds).
+{head}
+(seeds averaged; ± is the half-width of the 95% Student-t interval over seeds,
+and [lo, hi] that interval where it is clipped to the range the quantity can
+take, e.g. a probability's [0, 1]).
 
 Base model: {base_row}
 
@@ -376,11 +340,15 @@ Base model: {base_row}
 
 ## Stage 1 (shared by every stage-2 setting built on it)
 
-{stage1_table}
+{stage1}
 """
     )
-    save_text(out / "report.md", text)
-    summary = {
+
+
+def _summary(lines: list[str], base: dict, settings: list[Setting], harms) -> dict:
+    """``summary.json``: the verdict, the base model, every setting's
+    intervals ``[mean, lo, hi, n]`` and the fronts."""
+    return {
         "verdict": lines,
         "base": {k: v.mean for k, v in base.items()},
         "settings": [
@@ -390,5 +358,3 @@ Base model: {base_row}
         ],
         "fronts": {h: {m: [s.label for s in f] for m, f in fronts(settings, h).items()} for h in harms},
     }  # fmt: skip
-    save_json(out / "summary.json", summary)
-    return {"verdict": lines, "table": main, "stage1": stage1_table}

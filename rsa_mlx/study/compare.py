@@ -12,6 +12,12 @@ from rsa_mlx.eval import evaluate as ev
 from rsa_mlx.study.plot import Chart, Series
 from rsa_mlx.util.errors import InputError, quote
 
+NOTE = (
+    "Each point: one rsa-mlx evaluate result, a mean over its sampled answers "
+    "(one run each: no interval). A y axis whose values span two decades or more "
+    "is logarithmic, and linear from 0 to its first tick."
+)
+
 
 def harm_chart(summaries: dict[str, dict]):
     """Helpfulness vs mean cost; with no helpfulness in any result (a judge
@@ -27,9 +33,9 @@ def harm_chart(summaries: dict[str, dict]):
             "(a judge needs a help question for it) and others have; drop "
             "--plot or compare like with like"
         )
-    x, xlabel, title = "helpfulness", "helpfulness", "Helpfulness vs harm"
+    x, xlabel, title = "helpfulness", "helpfulness ↑", "Helpfulness vs harm"
     if missing:
-        x, xlabel, title = "mean_cost", "mean cost", "Harm: mean vs tail"
+        x, xlabel, title = "mean_cost", "mean cost ↓", "Harm: mean vs tail"
         if any(_no_number(summaries[n].get("cvar_0.9")) for n in names):
             raise InputError(
                 f"cannot plot: {names[0]} has neither helpfulness nor CVaR0.9 cost"
@@ -42,14 +48,19 @@ def harm_chart(summaries: dict[str, dict]):
     y = "cvar_0.9" if missing else "mean_cost"
     if any(_no_number(summaries[n].get(y)) for n in names):
         raise InputError(f"cannot plot: a result has no {y!r}")
-    ylabel = "CVaR0.9 cost" if missing else "mean cost"
+    ylabel = "CVaR0.9 cost ↓" if missing else "mean cost ↓"
     points = Series(
         "runs",
         [summaries[n][x] for n in names],
         [summaries[n][y] for n in names],
         labels=names,
     )
-    return Chart(title, xlabel, ylabel, [points])
+    # on the scorer's scale: rewards and costs per answer, of any range
+    return Chart(title, _unit(xlabel, x), _unit(ylabel, y), [points])
+
+
+def _unit(label: str, key: str) -> str:
+    return f"{label} ({'reward' if key == 'helpfulness' else 'cost'} per answer)"
 
 
 def _no_number(value) -> bool:

@@ -1,9 +1,20 @@
 """Sweep evaluators: ``evaluator(model, tokenizer, label) -> {metric: value}``,
 called by :func:`rsa_mlx.study.sweep.run_sweep` on the base model, each
-shared stage 1 and every cell."""
+shared stage 1 and every cell.
+
+An evaluator is a dataclass with ``reference`` (the base model, set by the
+sweep), ``description()`` (what the sweep folder records, so results in one
+table stay comparable) and ``check()`` (reads its inputs before anything
+trains). They are registered by name (:data:`EVALUATORS`): ``prompts`` is
+:class:`PromptEvaluator`; applications add theirs with
+:func:`register_evaluator` (the real-model recipe registers ``recipe``), and
+a sweep file picks one with ``evaluate: {evaluator: NAME, ...}``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from rsa_mlx.eval.evaluate import check_scorer, evaluate_model
@@ -12,8 +23,9 @@ from rsa_mlx.eval.sampling import check_sampling
 from rsa_mlx.eval.scorers import load_scorer
 from rsa_mlx.eval.shift import DEGENERATE_LOGPROB, fluency
 from rsa_mlx.tuner.model import load
+from rsa_mlx.util.errors import ConfigError
 
-__all__ = ["PromptEvaluator"]
+__all__ = ["EVALUATORS", "PromptEvaluator", "make_evaluator", "register_evaluator"]
 
 
 @dataclass
@@ -73,3 +85,35 @@ class PromptEvaluator:
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+EVALUATORS: dict[str, Callable] = {"prompts": PromptEvaluator}
+
+
+def register_evaluator(name: str, factory: Callable) -> None:
+    """Make ``evaluate: {evaluator: name, ...}`` build ``factory(**settings)``
+    (a dataclass with ``reference``, ``description()`` and ``check()``)."""
+    EVALUATORS[name] = factory
+
+
+def make_evaluator(settings: dict, reference: str):
+    """The evaluator a sweep file's ``evaluate:`` mapping describes, checked:
+    its name (``evaluator``, default ``prompts``) and its settings; one-line
+    errors naming the key."""
+    settings = {k: v for k, v in settings.items() if v is not None}
+    name = settings.pop("evaluator", "prompts")
+    if name not in EVALUATORS:
+        raise ConfigError(
+            f"evaluate: unknown evaluator {name!r}; choose from "
+            f"{', '.join(sorted(EVALUATORS))}"
+        )
+    factory = EVALUATORS[name]
+    known = {f.name for f in dataclasses.fields(factory)} - {"reference"}
+    if unknown := sorted(set(settings) - known):
+        raise ConfigError(
+            f"evaluate: unknown key {unknown[0]!r} for the {name} evaluator "
+            f"(it takes {', '.join(sorted(known))})"
+        )
+    evaluator = factory(**settings, reference=reference)
+    evaluator.check()
+    return evaluator

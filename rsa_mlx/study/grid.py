@@ -16,8 +16,9 @@ import json
 from dataclasses import dataclass
 
 from rsa_mlx.study.methods import method_settings
-from rsa_mlx.tuner.config import FIELDS, RESULT_FREE, TrainConfig, resolve, yaml_value
+from rsa_mlx.tuner.config import FIELDS, RESULT_FREE, TrainConfig, resolve
 from rsa_mlx.util.errors import ConfigError
+from rsa_mlx.util.yaml_config import yaml_value
 
 __all__ = ["Cell", "expand", "parse_grid", "stage1_key"]
 

@@ -1,6 +1,14 @@
 """Statistics for comparing methods across seeds: intervals, Pareto fronts,
 interpolation along a front, and dominance within intervals.
 
+An interval is the Student-t 95% interval of a mean over seeds. For a
+quantity that cannot leave a range (a probability: [0, 1]) it is clipped to
+that range: the true mean lies in the range, so clipping never drops it from
+the interval and the coverage stays that of the t-interval, while no
+interval shows a negative probability. (With 2-5 seeds a bootstrap interval
+covers far less than 95%, and a Wilson interval needs counts of trials,
+which an exact probability or a mean over seeds does not have.)
+
 Pure functions of numbers (no MLX): the sweep report (:mod:`rsa_mlx.report`)
 builds on them, and each is tested against a closed form.
 """
@@ -32,6 +40,10 @@ def t_quantile(df: int) -> float:
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
+PROBABILITY = (0.0, 1.0)  # the range of a probability or a rate
+NONNEGATIVE = (0.0, math.inf)  # e.g. a KL divergence
+
+
 @dataclass(frozen=True)
 class Interval:
     """A mean over ``n`` seeds and its 95% confidence interval [lo, hi]."""
@@ -48,25 +60,36 @@ class Interval:
     def __str__(self) -> str:
         if self.n < 2:
             return f"{self.mean:.4g}"
-        return f"{self.mean:.4g} ± {self.half:.2g}"
+        below, above = self.mean - self.lo, self.hi - self.mean
+        if math.isclose(below, above, rel_tol=1e-9, abs_tol=1e-12 * abs(self.mean)):
+            return f"{self.mean:.4g} ± {self.half:.2g}"
+        # clipped to its range: the two sides differ
+        return f"{self.mean:.4g} [{self.lo:.2g}, {self.hi:.2g}]"
 
 
-def mean_ci(values: Sequence[float]) -> Interval:
+def mean_ci(
+    values: Sequence[float], bounds: tuple[float, float] | None = None
+) -> Interval:
     """Mean and Student-t 95% interval of finite ``values``:
     ``mean ± t_{0.975, n-1} · s / sqrt(n)`` with ``s`` the sample standard
     deviation (``n - 1`` in the denominator). One value: a zero-width
     interval (``n = 1`` says there is no spread to measure). None of them
-    finite: NaN."""
+    finite: NaN.
+
+    ``bounds``: the range the quantity cannot leave (:data:`PROBABILITY`,
+    :data:`NONNEGATIVE`); the interval is clipped to it (see the module
+    doc)."""
     xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     n = len(xs)
     if n == 0:
         return Interval(math.nan, math.nan, math.nan, 0)
-    mean = math.fsum(xs) / n
+    lo, hi = bounds or (-math.inf, math.inf)
+    mean = min(max(math.fsum(xs) / n, lo), hi)  # a sum's rounding only
     if n == 1:
         return Interval(mean, mean, mean, 1)
     s = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
     half = t_quantile(n - 1) * s / math.sqrt(n)
-    return Interval(mean, mean - half, mean + half, n)
+    return Interval(mean, max(mean - half, lo), min(mean + half, hi), n)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:

@@ -203,19 +203,35 @@ def run_sweep(
                 raise SweepInterrupted(e, sweep.path) from None
             key = cell.stage1_key
             if key is not None and key not in {r["id"] for r in sweep.rows()}:
-                grid = {
-                    k: v
-                    for k, v in cell.values
-                    if k not in SECOND_ONLY[cell.config.stage_names[1]]
-                }
-                row = {"id": key, "kind": "stage1", "method": cell.method}
-                evaluate({**row, "grid": grid}, sweep.stage1_dir(cell))
-            row = {"id": cell.id, "kind": "cell", "method": cell.method}
-            row.update(grid=dict(cell.values), run=str(run_dir))
-            row["settings"] = cell.config.result_settings()
-            evaluate(row, run_dir, cell.config.merge)
+                evaluate(stage1_row(cell), sweep.stage1_dir(cell))
+            evaluate(cell_row(cell, run_dir), run_dir, cell.config.merge)
             bar.advance()
     return list(sweep.rows())
+
+
+def stage1_row(cell: Cell) -> dict:
+    """A shared stage 1's result row (before its metrics): the cell's grid
+    values without those of stage 2 alone."""
+    second = SECOND_ONLY[cell.config.stage_names[1]]
+    grid = {k: v for k, v in cell.values if k not in second}
+    return {
+        "id": cell.stage1_key,
+        "kind": "stage1",
+        "method": cell.method,
+        "grid": grid,
+    }
+
+
+def cell_row(cell: Cell, run_dir: Path) -> dict:
+    """A cell's result row (before its metrics), with its full settings."""
+    return {
+        "id": cell.id,
+        "kind": "cell",
+        "method": cell.method,
+        "grid": dict(cell.values),
+        "run": str(run_dir),
+        "settings": cell.config.result_settings(),
+    }
 
 
 def _check_spec(sweep: Sweep, base: dict, description: dict) -> None:

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from rsa_mlx.ops.losses import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_LOSS, LOSSES
 from rsa_mlx.ops.risk import DEFAULT_MEASURE, MEASURES, resolve_mu
 from rsa_mlx.util.errors import ConfigError
+from rsa_mlx.util.yaml_config import read_yaml
 
 
 @dataclass
@@ -109,6 +107,10 @@ class TrainConfig:
     )
     merge: float = setting(1.0, "Merge ratio q of the final model, W1 + q dW2.")
     length_normalize: bool = setting(False, "Divide sequence sums by response length.")
+    sft_weight: float = setting(
+        0.0,
+        "Weight of an NLL term on the chosen answer, per token (RPO); 0: none.",
+    )
     # LoRA (mlx-lm spellings; --lora-* flags fill lora_parameters)
     num_layers: int = setting(_LORA.num_layers, "Blocks to adapt, -1 for all.")
     lora_parameters: dict = setting(
@@ -126,6 +128,11 @@ class TrainConfig:
         0.1, "Linear warm-up: a fraction of the updates if < 1, else updates."
     )
     weight_decay: float = setting(0.0, "AdamW weight decay.")
+    bias_correction: bool = setting(
+        False,
+        "Adam's bias correction, as torch and TRL do; off is mlx-lm's default, "
+        "where early updates are 3-6x larger at the same learning rate.",
+    )
     max_grad_norm: float = setting(1.0, "Gradient clipping norm; 0: none.")
     max_seq_length: int = setting(1024, "Longest prompt + response in tokens.")
     grad_checkpoint: bool = setting(
@@ -229,7 +236,7 @@ class TrainConfig:
             _positive(key, getattr(self, key))
         for key in ("learning_rate", "max_seq_length", "steps_per_report"):
             _positive(key, getattr(self, key))
-        for key in ("alpha", "weight_decay", "max_grad_norm", "warmup"):
+        for key in ("alpha", "weight_decay", "max_grad_norm", "warmup", "sft_weight"):
             _at_least(key, getattr(self, key), 0)
         for key in ("steps_per_eval", "save_every"):
             _at_least(key, getattr(self, key), 0)
@@ -346,54 +353,6 @@ def _check_type(key: str, value):
     ):
         raise ConfigError(f"{key}: expected {base.__name__}, got {value!r}")
     return float(value) if base is float else str(value) if base is str else value
-
-
-class _Loader(yaml.SafeLoader):
-    """PyYAML reads ``1e-5`` as a string (YAML 1.1 wants ``1.0e-5``); like
-    mlx-lm's config loader, read every float spelling as a float."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def read_yaml(path: str | Path, what: str = "config file") -> dict:
-    """A YAML mapping read with every float spelling as a float; one-line
-    errors naming the file (and line) for a missing, non-UTF-8, malformed or
-    non-mapping file."""
-    path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.load(f, _Loader) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{str(path)!r}: no such {what}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{str(path)!r}: not UTF-8 text") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None)
-        raise ConfigError(
-            f"{path}{line}: malformed YAML" + (f" ({problem})" if problem else "")
-        ) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{str(path)!r}: expected a mapping of settings")
-    return data
-
-
-def yaml_value(text: str):
-    """One YAML scalar as the config reads it (``3e-5`` is a float)."""
-    return yaml.load(text, _Loader)
 
 
 def load_yaml(path: str | Path) -> dict:

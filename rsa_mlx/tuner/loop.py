@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -119,7 +119,7 @@ class Reporter:
         self.note(
             f"[{stage}] it {m['iteration']:>5d}/{m['iters']} | loss {m['loss']:.4f} "
             f"| acc {m['accuracy']:.2f} | margin {m['margins']:+.4f} "
-            f"| kl {m['kl']:.4f} | risk {m['risk']:.4f} | lr {m['learning_rate']:.2e} "
+            f"| kl {m['kl']:.4f}{_risk(m)} | lr {m['learning_rate']:.2e} "
             f"| {m['iterations_per_second']:.2f} it/s | {m['tokens_per_second']:.0f} tok/s "
             f"| peak {m['peak_memory']:.2f} GB"
             + (f" | eta {bars._format_seconds(eta)}" if eta else "")
@@ -134,7 +134,7 @@ class Reporter:
         self.note(
             f"[{stage}] val {info['iteration']:>5d} | loss {info['loss']:.4f} "
             f"| acc {info['accuracy']:.2f} | margin {info['margins']:+.4f} "
-            f"| kl {info['kl']:.4f} | risk {info['risk']:.4f} ({info['seconds']:.1f}s)"
+            f"| kl {info['kl']:.4f}{_risk(info)} ({info['seconds']:.1f}s)"
         )
         if self.callback is not None:
             self.callback.on_val_loss_report(
@@ -168,11 +168,17 @@ class SilentReporter(Reporter):
 
 
 def summarize(sums: dict[str, float], pairs: int) -> dict[str, float]:
-    """Per-pair means from pair-weighted sums, with chosen/rejected averaged."""
+    """Per-pair means from pair-weighted sums, with chosen/rejected averaged
+    (``risk`` only where the step computed the risk: not for DPO)."""
     mean = {k: v / max(pairs, 1) for k, v in sums.items()}
     mean["kl"] = 0.5 * (mean.get("kl/chosen", 0.0) + mean.get("kl/rejected", 0.0))
-    mean["risk"] = 0.5 * (mean.get("risk/chosen", 0.0) + mean.get("risk/rejected", 0.0))
+    if "risk/chosen" in mean:
+        mean["risk"] = 0.5 * (mean["risk/chosen"] + mean["risk/rejected"])
     return mean
+
+
+def _risk(m: dict) -> str:
+    return f" | risk {m['risk']:.4f}" if "risk" in m else ""
 
 
 @dataclass
@@ -204,6 +210,81 @@ def first_bad_in_group(bad: int, iters: int) -> int:
     return iters + 1 - code if code > 0 else -1
 
 
+@dataclass
+class Window:
+    """The iterations since the last report: pair-weighted metric sums and
+    gradient norms stay on the device until the report reads them."""
+
+    start: int  # the last iteration before the window
+    sums: dict[str, mx.array] = field(default_factory=dict)
+    norms: mx.array | float = 0.0
+    updates: int = 0  # optimizer updates, one gradient norm each
+    pairs: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, metrics: dict, pairs: int) -> mx.array:
+        """Add one step's metrics; return whether its loss or gradient norm
+        is not finite (on the device)."""
+        bad = ~mx.isfinite(metrics["loss"])
+        if "grad_norm" in metrics:  # update steps only: a mean per update
+            norm = metrics.pop("grad_norm")
+            bad = bad | ~mx.isfinite(norm)
+            self.norms = self.norms + norm
+            self.updates += 1
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v * pairs
+        return bad
+
+    def report(
+        self, it: int, iters: int, learning_rate: float, eta: float | None, shapes: int
+    ) -> dict:
+        """The window's metrics over the process group, and its speed."""
+        sums, pairs, tokens = reduce_window(self.sums, self.pairs, self.tokens)
+        done, seconds = it - self.start, self.seconds
+        return {
+            **summarize(sums, pairs),
+            "iteration": it,
+            "iters": iters,
+            "learning_rate": learning_rate,
+            "iterations_per_second": done / seconds if seconds else 0.0,
+            "tokens_per_second": tokens / seconds if seconds else 0.0,
+            "trained_tokens": tokens,
+            "peak_memory": mx.get_peak_memory() / 1e9,
+            "grad_norm": float(self.norms) / self.updates if self.updates else 0.0,
+            "shapes": shapes,
+            "eta_seconds": eta,
+        }
+
+
+class NonFinite:
+    """The first iteration whose loss or gradient norm was NaN or infinite,
+    kept on the device and read (over the process group) only at reports
+    and before checkpoints, so no step waits for the host."""
+
+    def __init__(self, stage: str, iters: int):
+        self.stage, self.iters, self.first = stage, iters, mx.array(-1)
+
+    def mark(self, it: int, bad: mx.array) -> None:
+        self.first = mx.where((self.first < 0) & bad, it, self.first)
+
+    def check(
+        self, checkpoint: Path | None, params_finite: Callable | None, it: int
+    ) -> None:
+        """Raise if any rank saw a non-finite value or, with
+        ``params_finite``, if the parameters are no longer finite."""
+        bad = first_bad_in_group(self.first.item(), self.iters)
+        if bad < 0 and params_finite is not None and not params_finite():
+            bad = it
+        if bad >= 0:
+            where = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
+            raise TrainingError(
+                f"[{self.stage}] the loss or gradient became NaN or infinite at "
+                f"iteration {bad}{where}. Try a lower --learning-rate, --beta or "
+                "--lora-scale."
+            )
+
+
 def loop(
     plan: Plan,
     step: Callable,
@@ -225,88 +306,49 @@ def loop(
     checkpoint of the current state and returns its path. Returns the last
     training and validation metrics, the checkpoint and the batch shapes seen.
     """
-    stage, iters, accum = plan.stage, plan.iters, plan.accum
-    sums: dict[str, mx.array] = {}
-    pairs, tokens, window, grad = 0, 0, 0.0, None
-    first_bad, norms, updates_in_window = mx.array(-1), 0.0, 0
+    stage, iters = plan.stage, plan.iters
     out = {"train": {}, "valid": {}, "checkpoint": None, "shapes": set()}
-    start = progress.iteration
+    window, grad = Window(start=progress.iteration), None
+    guard = NonFinite(stage, iters)
 
-    def fail_if_bad(params: bool = False) -> None:
-        bad = first_bad_in_group(first_bad.item(), iters)
-        if bad < 0 and params and not params_finite():
-            bad = progress.iteration
-        if bad >= 0:
-            where = (
-                f"; the last good checkpoint is {out['checkpoint']}"
-                if out["checkpoint"]
-                else ""
-            )
-            raise TrainingError(
-                f"[{stage}] the loss or gradient became NaN or infinite at "
-                f"iteration {bad}{where}. Try a lower --learning-rate, --beta or "
-                "--lora-scale."
-            )
+    def check(params: bool = False) -> None:
+        finite = params_finite if params else None
+        guard.check(out["checkpoint"], finite, progress.iteration)
 
-    label = stage if start == 0 else f"{stage} (from {start})"
-    with bars.task(label, iters - start, "iterations", quiet=True) as bar:
-        for it in range(start + 1, iters + 1):
+    label = stage if window.start == 0 else f"{stage} (from {window.start})"
+    with bars.task(label, iters - window.start, "iterations", quiet=True) as bar:
+        for it in range(window.start + 1, iters + 1):
             tic = time.perf_counter()
             batch = next(batches)
-            seed = iteration_seed(plan.seed, it)
+            seed = iteration_seed(plan.seed, it)  # resume draws the same numbers
             mx.random.seed(seed ^ (plan.rank << 48) if plan.rank else seed)
-            do_update = it % accum == 0
+            do_update = it % plan.accum == 0
             out["shapes"].add(batch.tokens.shape + batch.index.shape)
             metrics, grad = step(batch.arrays(), grad, do_update)
-            bad = ~mx.isfinite(metrics["loss"])
-            if "grad_norm" in metrics:  # update steps only: a mean per update
-                norm = metrics.pop("grad_norm")
-                bad = bad | ~mx.isfinite(norm)
-                norms = norms + norm
-                updates_in_window += 1
-            first_bad = mx.where((first_bad < 0) & bad, it, first_bad)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * batch.pairs
-            mx.eval(state, sums, grad, first_bad, norms)
-            pairs += batch.pairs
-            tokens += batch.real_tokens
-            window += time.perf_counter() - tic
+            guard.mark(it, window.add(metrics, batch.pairs))
+            mx.eval(state, window.sums, grad, guard.first, window.norms)
+            window.pairs += batch.pairs
+            window.tokens += batch.real_tokens
+            window.seconds += time.perf_counter() - tic
             progress.iteration = it
             progress.updates += int(do_update)
             bar.advance()
-            reporter.tick(stage, it, iters, window)
+            reporter.tick(stage, it, iters, window.seconds)
 
             if it % plan.steps_per_report == 0 or it == iters:
-                fail_if_bad()
-                done = it - start
-                sums, pairs, tokens = reduce_window(sums, pairs, tokens)
-                out["train"] = {
-                    **summarize(sums, pairs),
-                    "iteration": it,
-                    "iters": iters,
-                    "learning_rate": learning_rate(),
-                    "iterations_per_second": done / window if window else 0.0,
-                    "tokens_per_second": tokens / window if window else 0.0,
-                    "trained_tokens": tokens,
-                    "peak_memory": mx.get_peak_memory() / 1e9,
-                    "grad_norm": float(norms) / updates_in_window
-                    if updates_in_window
-                    else 0.0,
-                    "shapes": len(out["shapes"]),
-                    "eta_seconds": bar.eta(),
-                }
+                check()
+                lr, shapes = learning_rate(), len(out["shapes"])
+                out["train"] = window.report(it, iters, lr, bar.eta(), shapes)
                 reporter.train(stage, out["train"])
-                sums, pairs, tokens, window, start = {}, 0, 0, 0.0, it
-                norms, updates_in_window = 0.0, 0
-            stopping = stop is not None and stop.signum is not None
-            if stopping and do_update:
-                fail_if_bad(params=True)
+                window = Window(start=it)
+            if stop is not None and stop.signum is not None and do_update:
+                check(params=True)
                 raise Interrupted(stop.signum, stage, it, save())
             if plan.steps_per_eval and it % plan.steps_per_eval == 0 and it != iters:
                 out["valid"] = validate(it) or out["valid"]
             saving = do_update and plan.save_every and it % plan.save_every == 0
             if saving and it != iters:  # the last one is saved by the caller
-                fail_if_bad(params=True)
+                check(params=True)
                 out["checkpoint"] = save()
-    fail_if_bad(params=True)
+    check(params=True)
     return out

@@ -41,17 +41,18 @@ class Objective:
     beta: float = DEFAULT_BETA
     alpha: float = DEFAULT_ALPHA
     length_normalize: bool = False
+    sft_weight: float = 0.0  # NLL term on the chosen answer (RPO)
 
 
 def pair_loss(logits, ref_logits, targets, segments, mask, num_sequences, objective):
     """Mean preference loss and metrics of a ``[chosen; rejected]`` batch
     whose scored positions are packed (see :class:`rsa_mlx.tuner.data.Batch`).
 
-    DPO's loss has no risk term, so its step does not spend vocabulary
-    passes on one: it reports ``risk/*`` as the sequential KL (the
-    regulariser DPO's reference term stands for), whatever ``risk`` says.
-    A tail measure only a metric would show costs as much as RSA's risk
-    (CVaR's exact threshold alone is 32 passes over the vocabulary).
+    DPO's loss has no risk term, so its step computes none (a tail measure
+    only a metric would show costs as much as RSA's risk: CVaR's exact
+    threshold alone is 32 passes over the vocabulary) and reports none: its
+    metrics have the sequential KL as ``kl/*`` and no ``risk/*``, whatever
+    ``risk`` says.
     """
     dpo = objective.loss == "dpo"
     stats = segment_stats(
@@ -68,7 +69,12 @@ def pair_loss(logits, ref_logits, targets, segments, mask, num_sequences, object
     )
     chosen, rejected = split_pairs(stats)
     return preference_loss(
-        chosen, rejected, objective.loss, objective.beta, objective.alpha
+        chosen,
+        rejected,
+        objective.loss,
+        objective.beta,
+        objective.alpha,
+        objective.sft_weight,
     )
 
 

@@ -1,6 +1,6 @@
 """Check the four prompt sets in this folder (stdlib only, well under a second).
 
-    python3 rsa_mlx/recipe/sets/check_sets.py [--advbench PATH] [--quiet]
+    python3 tests/check_prompt_sets.py [--advbench PATH] [--quiet]
 
 Checks the fields, forms and categories of every row, the counts per
 category, word counts, ASCII apostrophes, duplicates (case and punctuation
@@ -28,7 +28,7 @@ import re
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent / "rsa_mlx" / "recipe" / "sets"
 
 HARMFUL_CATEGORIES = (
     "violence",

