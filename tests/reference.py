@@ -1,6 +1,6 @@
-"""Independent float64 NumPy reference for SPEC §2-§3, brute force on purpose.
+"""Independent float64 NumPy reference for docs/method.md §2-§3, brute force on purpose.
 
-Written from the SPEC, not from rsa_mlx: explicit sums, full sorts, plain
+Written from docs/method.md, not from rsa_mlx: explicit sums, full sorts, plain
 loops over rows. Entries whose reference logit is -inf have p = 0 and are left
 out of every sum (they contribute 0).
 """
@@ -129,7 +129,7 @@ def risk_scale(policy_row, ref_row, measure, mu=None):
 
 def float32_floor(policy_row, ref_row, measure, mu=None):
     """eps32 * sum w (|log p| + |log q|): the error that float32 log-probabilities
-    (SPEC §2: log-softmax in float32) put into Z = log p - log q, weighted."""
+    (docs/method.md §2: log-softmax in float32) put into Z = log p - log q, weighted."""
     lp, lq = log_softmax(ref_row), log_softmax(policy_row)
     support = np.isfinite(lp)
     log_p, z = _log_row(policy_row, ref_row)

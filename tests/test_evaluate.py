@@ -1,4 +1,4 @@
-"""Evaluation harness and the demo world (SPEC §6)."""
+"""Evaluation harness and the demo world (docs/method.md §6)."""
 
 from __future__ import annotations
 

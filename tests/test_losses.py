@@ -1,4 +1,4 @@
-"""Preference losses (SPEC §3) against closed forms and the NumPy reference."""
+"""Preference losses (docs/method.md §3) against closed forms and the NumPy reference."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Risk operators against the float64 brute-force reference (SPEC §2)."""
+"""Risk operators against the float64 brute-force reference (docs/method.md §2)."""
 
 from __future__ import annotations
 
@@ -394,7 +394,7 @@ def test_cvar_mu_below_the_smallest_supported_is_refused():
 
 
 # --------------------------------------------------------------------------
-# properties (SPEC §2)
+# properties (docs/method.md §2)
 
 finite32 = st.floats(-20, 20, width=32, allow_nan=False, allow_infinity=False)
 

@@ -1,4 +1,4 @@
-"""Model shift (SPEC §6): exact per-token KL and log-ratio tail from the base."""
+"""Model shift (docs/method.md §6): exact per-token KL and log-ratio tail from the base."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Evaluation (SPEC §6): sample, score, and report helpfulness and tail risk.
+"""Evaluation (docs/method.md §6): sample, score, and report helpfulness and tail risk.
 
 For a model (+ adapters, + merge q) and a prompt set, :func:`evaluate_model`
 samples K responses per prompt (:mod:`rsa_mlx.eval.sampling`), scores each
@@ -11,7 +11,7 @@ with a scorer (:mod:`rsa_mlx.eval.scorers`), and reports
 * with a reference model, the model shift on the samples
   (:mod:`rsa_mlx.eval.shift`).
 
-"Unsafe" is what each scorer's scale says (SPEC §6), stated by the scorer's
+"Unsafe" is what each scorer's scale says (docs/method.md §6), stated by the scorer's
 ``unsafe_rule`` and stored with the rate. A scorer may have a
 ``check(records)`` method: it is called on every prompt row before any model
 is loaded or sampled, so a missing field fails at once.

@@ -1,4 +1,4 @@
-"""Tail metrics of per-response costs (SPEC §6): exact CVaR of a sample or of
+"""Tail metrics of per-response costs (docs/method.md §6): exact CVaR of a sample or of
 a discrete distribution, and the unsafe rate, mean, CVaR_0.9, CVaR_0.99 and
 worst case of a model's costs."""
 

@@ -1,4 +1,4 @@
-"""Scorers for :func:`rsa_mlx.eval.evaluate.evaluate_model` (SPEC §6).
+"""Scorers for :func:`rsa_mlx.eval.evaluate.evaluate_model` (docs/method.md §6).
 
 A scorer is called as ``scorer(prompt_record, responses)`` and returns one
 ``{"reward", "cost", "unsafe"?}`` per response; it may have ``check(records)``

@@ -1,4 +1,4 @@
-"""Model shift (SPEC §6): how far a policy moved from its base (SFT) model.
+"""Model shift (docs/method.md §6): how far a policy moved from its base (SFT) model.
 
 The paper's own quantity. On given responses y to prompts x (in
 ``rsa-mlx evaluate``: the policy's own samples), at every response position
@@ -12,11 +12,11 @@ t, with ``q = pi_theta(.|x, y_<t)`` and ``p = pi_ref(.|x, y_<t)``:
 the mean of ``r_t`` (on the policy's own samples an unbiased, noisier
 estimate of the same KL), and the tails of both: ``CVaR_mu``, the mean of
 the worst (largest) ``1 - mu`` fraction of the tokens' values, with
-:func:`rsa_mlx.eval.evaluate.cvar`'s convention (``mu = 0.9``, SPEC §6: the
+:func:`rsa_mlx.eval.evaluate.cvar`'s convention (``mu = 0.9``, docs/method.md §6: the
 worst 10%).
 Note that this ``mu`` is a quantile level as in the evaluation's cost
 CVaR, not the kept-mass fraction ``mu`` of the training regulariser
-(SPEC §2), where ``mu = 1`` is the mean.
+(docs/method.md §2), where ``mu = 1`` is the mean.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Preference losses on per-sequence statistics (SPEC §3).
+"""Preference losses on per-sequence statistics (docs/method.md §3).
 
 For a pair (chosen w, rejected l) with sequence log-ratios ``m`` and
 sequential risks ``D`` (:func:`rsa_mlx.ops.risk.sequence_stats`)::
@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 LOSSES: tuple[str, ...] = ("dpo", "variant1", "variant2")
-# SPEC §3 defaults (Ra-DPO, SACPO); TrainConfig and Objective take them from here.
+# docs/method.md §3 defaults (Ra-DPO, SACPO); TrainConfig and Objective take them from here.
 DEFAULT_LOSS, DEFAULT_BETA, DEFAULT_ALPHA = "variant2", 0.1, 0.5
 
 

@@ -1,4 +1,4 @@
-"""Token-level risk operators (SPEC §2) on MLX arrays.
+"""Token-level risk operators (docs/method.md §2) on MLX arrays.
 
 At a response position t with reference distribution ``p = softmax(ref_logits)``
 and policy ``q = softmax(policy_logits)``, the log-ratio of reference to policy
@@ -67,7 +67,7 @@ __all__ = [
 
 MEASURES: tuple[str, ...] = ("kl", "cvar", "erm", "truncated")
 DEFAULT_MEASURE = "cvar"  # RSA's
-# SPEC §3 defaults (Ra-DPO): cvar mu = 0.95, erm mu = 5.
+# docs/method.md §3 defaults (Ra-DPO): cvar mu = 0.95, erm mu = 5.
 DEFAULT_MU: dict[str, float | None] = {
     "kl": None,
     "cvar": 0.95,

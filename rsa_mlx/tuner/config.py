@@ -89,7 +89,7 @@ class TrainConfig:
     order: str = setting(
         "reward-first", "Stage order when training both.", choices=ORDER_CHOICES
     )
-    # method (SPEC §3-§4)
+    # method (docs/method.md §3-§4)
     loss: str = setting(
         DEFAULT_LOSS, "dpo, variant1 (TDPO1/Ra-DPO1) or variant2.", choices=LOSSES
     )

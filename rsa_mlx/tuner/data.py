@@ -1,4 +1,4 @@
-"""Preference data (SPEC §5): tokenising and batching.
+"""Preference data (docs/method.md §5): tokenising and batching.
 
 Reading and checking rows (the two row layouts, sources, one-line errors)
 lives in :mod:`rsa_mlx.tuner.sources`; its public names are importable from here

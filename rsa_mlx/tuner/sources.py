@@ -1,4 +1,4 @@
-"""Preference data (SPEC §5): finding, reading and checking rows.
+"""Preference data (docs/method.md §5): finding, reading and checking rows.
 
 Two row layouts are accepted, in ``.jsonl`` or ``.json`` (a list of rows),
 optionally compressed (``.jsonl.xz``, ``.jsonl.gz``):

@@ -1,4 +1,4 @@
-"""One stage of a run (SPEC §4): its data, adapter, optimizer and schedule,
+"""One stage of a run (docs/method.md §1): its data, adapter, optimizer and schedule,
 objective, checkpoints and validation.
 
 A stage adds one LoRA adapter to the model (earlier stages' adapters stay

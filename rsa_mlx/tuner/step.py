@@ -1,4 +1,4 @@
-"""One compiled training step for every loss of SPEC §3.
+"""One compiled training step for every loss of docs/method.md §3.
 
 The step runs the reference policy (the same network with the stage's
 adapter switched off, under stop-gradient) and the policy on one
@@ -33,7 +33,7 @@ from rsa_mlx.tuner.model import ResponseLogits
 
 @dataclass(frozen=True)
 class Objective:
-    """What one stage optimises (SPEC §3): loss, risk measure and constants."""
+    """What one stage optimises (docs/method.md §3): loss, risk measure and constants."""
 
     loss: str = DEFAULT_LOSS
     risk: str = DEFAULT_MEASURE

@@ -1,4 +1,4 @@
-"""The two-stage run (SPEC §4): the run folder, the stages in order, the
+"""The two-stage run (docs/method.md §1): the run folder, the stages in order, the
 merge and the final adapter.
 
 Stage ``reward`` fits helpfulness pairs against the base model; stage
