@@ -224,7 +224,9 @@ def test_recipe_smoke_run_on_a_tiny_model_and_resume(tmp_path):
     assert list(summary) == ["base", "stage1", "sacpo", "rsa-cvar"]
     for name in ("report.md", "plot.svg", "results.json", "data/eval.jsonl"):
         assert (out / name).exists(), name
-    sets = [json.loads(r)["set"] for r in (out / "data/eval.jsonl").read_text().splitlines()]
+    sets = [
+        json.loads(r)["set"] for r in (out / "data/eval.jsonl").read_text().splitlines()
+    ]
     assert sets.count("advbench") == 3 and sets.count("borderline") == 2
     reward = (out / "data" / "reward" / "train.jsonl").read_text().splitlines()
     safety = (out / "data" / "safety" / "train.jsonl").read_text().splitlines()
