@@ -148,3 +148,90 @@ def test_model_folder_messages_quote_paths(tmp_path):
         )
     )
     assert f"'{folder}': neither a run folder" in line
+
+
+# ------------------------------------------- issue 22: faults and bad input
+
+
+def test_info_columns_and_the_fast_exp(monkeypatch):
+    result = CliRunner().invoke(main, ["info", "--no-bench"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for line in lines:
+        if line.startswith("  ") and not line.startswith("   "):
+            _, _, value = line.strip().partition(" ")
+            assert value.strip(), line  # "architecturex86_64" has no gap
+    assert any(line.startswith("fast exp    on") for line in lines), result.output
+    from rsa_mlx.ops import fastmath
+
+    monkeypatch.setenv("RSA_MLX_FAST_EXP", "0")
+    fastmath.enabled.cache_clear()
+    try:
+        result = CliRunner().invoke(main, ["info", "--no-bench"])
+    finally:
+        monkeypatch.undo()
+        fastmath.enabled.cache_clear()
+    assert "fast exp    off (RSA_MLX_FAST_EXP=0" in result.output
+
+
+def test_a_dangling_symlink_output_is_refused_before_converting(
+    tiny, tmp_path, monkeypatch
+):
+    from rsa_mlx.io import convert as io_convert
+
+    def converting(*args, **kwargs):
+        raise AssertionError("converted before checking the output")
+
+    monkeypatch.setattr(io_convert, "mlx_convert", converting)
+    out = tmp_path / "out"
+    out.symlink_to(tmp_path / "nowhere")
+    for args in (
+        ["convert", "--hf-path", str(tiny), "--mlx-path", str(out)],
+        ["export", "--model", str(tiny), "--save-path", str(out)],
+    ):
+        line = fails(CliRunner().invoke(main, args))
+        assert "already exists as a link to" in line and "does not exist" in line
+    assert out.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def test_a_custom_model_file_is_one_line(tiny, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "custom"
+    shutil.copytree(tiny, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_file": "m.py"}))
+    (folder / "m.py").write_text("raise SystemExit('ran the model code')\n")
+    line = fails(CliRunner().invoke(main, ["generate", "--model", str(folder)]))
+    assert "model_file 'm.py' asks to run the model's own Python code" in line
+    line = fails(
+        CliRunner().invoke(
+            main,
+            ["convert", "--hf-path", str(folder), "--mlx-path", str(tmp_path / "o")],
+        )
+    )
+    assert "--trust-remote-code" in line and not (tmp_path / "o").exists()
+
+
+def test_evaluate_refuses_a_prompt_longer_than_the_context(tiny, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "short"
+    shutil.copytree(tiny, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 64
+    (folder / "config.json").write_text(json.dumps(config))
+    prompts = tmp_path / "p.jsonl"
+    rows = [{"prompt": "hi", "harmful": False}, {"prompt": "x" * 500, "harmful": True}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["evaluate", "--model", str(folder), "--prompts", str(prompts),
+            "--scorer", "refusal", "-k", "1", "--max-tokens", "4"]  # fmt: skip
+    line = fails(CliRunner().invoke(main, args))
+    assert "p.jsonl:2" in line and "more than the model's context of 64" in line
+    # the short prompt alone fits, but not with a long answer
+    prompts.write_text(json.dumps(rows[0]) + "\n")
+    assert CliRunner().invoke(main, args).exit_code == 0
+    args[-1] = "80"
+    assert "--max-tokens" in fails(CliRunner().invoke(main, args))

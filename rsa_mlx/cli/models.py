@@ -15,6 +15,7 @@ import mlx.core as mx
 import rsa_mlx
 from rsa_mlx.cli.common import guard, model_options
 from rsa_mlx.io.formats import DTYPES, Q_MODES
+from rsa_mlx.ops import fastmath
 from rsa_mlx.util import blas
 
 
@@ -39,7 +40,8 @@ def info(no_bench: bool):
     details = mx.device_info()  # keys differ between Metal and CPU
     for key in ("device_name", "architecture", "memory_size"):
         if key in details:
-            click.echo(f"  {key:12s}{details[key]}")
+            click.echo(f"  {key:<12s} {details[key]}")
+    click.echo(f"fast exp    {_fast_exp_note()}")
     status = blas.STATUS
     click.echo(f"openblas    {'loaded' if status.loaded else 'not loaded'}")
     click.echo(f"  reason    {status.reason}")
@@ -52,6 +54,15 @@ def info(no_bench: bool):
     if not no_bench:
         gflops = blas.measure_gflops()
         click.echo(f"matmul      {gflops:.0f} GFLOP/s (float32 1024x1024, CPU)")
+
+
+def _fast_exp_note() -> str:
+    """Whether the CPU's polynomial exp (rsa_mlx.ops.fastmath) is used."""
+    if not fastmath.enabled():
+        return "off (RSA_MLX_FAST_EXP=0: MLX's own exp on the CPU)"
+    if mx.default_device().type != mx.cpu:
+        return "on for the CPU; not used on this device (its own exp is fast)"
+    return "on (the CPU's polynomial exp; RSA_MLX_FAST_EXP=0 turns it off)"
 
 
 @click.command(epilog="mlx-lm's spellings: the same flags as `mlx_lm.convert`.")

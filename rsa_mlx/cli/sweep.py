@@ -53,11 +53,11 @@ def plan(config_file, model, data, methods, grid_items, seeds, set_items, evalua
     harms = spec.pop("harms", None)
     base = spec
     base.update({k: v for k, v in (("model", model), ("data", data)) if v is not None})
-    base.update({k: v[0] for k, v in parse_grid(set_items).items()})
+    base.update({k: v[0] for k, v in parse_grid(set_items, "--set").items()})
     if methods:
         grid["method"] = parse_methods(methods)
     if seeds:
-        grid["seed"] = parse_grid([f"seed={seeds}"])["seed"]
+        grid["seed"] = parse_grid([f"seed={seeds}"], "--seeds")["seed"]
     grid.update(parse_grid(grid_items))
     ev.update({k: v for k, v in evaluation.items() if v is not None})
     if not base.get("model"):

@@ -16,6 +16,7 @@ from rsa_mlx.util import progress
 from rsa_mlx.util.errors import InputError
 
 __all__ = [
+    "check_context",
     "check_sampling",
     "sample_responses",
     "sample_with_ids",
@@ -108,6 +109,7 @@ def sample_with_ids(
     mx.random.seed(seed)
     start_ids = tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
     ids = [prompt_ids(tokenizer, r) + list(start_ids) for r in records]
+    check_context(model, records, ids, max_tokens)
     flat = [p for p in ids for _ in range(k)]
     sampler = make_sampler(temp=temperature, top_p=top_p)
     texts: list[str] = []
@@ -133,6 +135,31 @@ def sample_with_ids(
         [texts[i * k : (i + 1) * k] for i in range(len(records))],
         [pairs[i * k : (i + 1) * k] for i in range(len(records))],
     )
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model was built for (its config's
+    ``max_position_embeddings``), or None when it does not say."""
+    n = getattr(getattr(model, "args", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def check_context(
+    model, records: Sequence[PromptRecord], ids: Sequence[list], max_tokens: int
+) -> None:
+    """Refuse, before any sampling, a prompt whose tokens and the
+    ``max_tokens`` of its answer do not fit in the model's context."""
+    context = context_length(model)
+    if context is None:
+        return
+    for i, (record, tokens) in enumerate(zip(records, ids)):
+        if len(tokens) + max_tokens > context:
+            raise InputError(
+                f"{record.location(i)}: the prompt is {len(tokens)} tokens and "
+                f"its answer up to {max_tokens} (--max-tokens), more than the "
+                f"model's context of {context} tokens (max_position_embeddings); "
+                "shorten the prompt or lower --max-tokens"
+            )
 
 
 def check_sampling(

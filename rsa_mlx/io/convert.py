@@ -65,7 +65,7 @@ def convert(
                 q_group_size = 32
         else:
             source = hf.snapshot(hf_path, revision, allow_patterns=hf.MODEL_PATTERNS)
-        hf.check_model_folder(source)
+        hf.check_model_folder(source, trust_remote_code)
         mlx_convert(
             str(source),
             mlx_path=str(out),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import struct
@@ -226,11 +227,29 @@ def check_safetensors(path: Path) -> Path:
     return path
 
 
-def check_model_folder(folder: Path) -> dict:
-    """All checks for a model folder mlx-lm will load; returns its config."""
+def check_custom_code(folder: Path, config: dict, trust_remote_code: bool) -> bool:
+    """Whether ``config`` names its own model code (``model_file``); refused
+    in one line unless ``trust_remote_code`` (mlx-lm would raise)."""
+    model_file = config.get("model_file")
+    if model_file is None:
+        return False
+    if not trust_remote_code:
+        raise InputError(
+            f"{quote(Path(folder) / 'config.json')}: model_file {model_file!r} "
+            "asks to run the model's own Python code to build it; that is off "
+            "by default (mlx-lm's trust_remote_code; rsa-mlx convert takes "
+            "--trust-remote-code)"
+        )
+    return True
+
+
+def check_model_folder(folder: Path, trust_remote_code: bool = False) -> dict:
+    """All checks for a model folder mlx-lm will load; returns its config.
+    A custom ``model_file`` is refused unless ``trust_remote_code``."""
     folder = Path(folder)
     config = read_config(folder)
-    check_architecture(folder, config)
+    if not check_custom_code(folder, config, trust_remote_code):
+        check_architecture(folder, config)
     files = sorted(folder.glob("model*.safetensors"))
     if not files:
         other = sorted(p.name for p in folder.glob("*.bin")) + sorted(
@@ -251,6 +270,11 @@ def staged_folder(path: str | Path, flag: str) -> Iterator[Path]:
     nothing half-written; an existing ``path`` is never touched.
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():  # checked before any work
+        raise InputError(
+            f"{quote(path)}: already exists as a link to {quote(os.readlink(path))}, "
+            f"which does not exist; remove it or choose another {flag}"
+        )
     if path.exists():
         raise InputError(
             f"{quote(path)}: already exists; remove it or choose another {flag}"

@@ -30,16 +30,25 @@ SECOND_ONLY = {
 }
 
 
-def parse_grid(items: list[str] | tuple[str, ...]) -> dict[str, list]:
+def parse_grid(
+    items: list[str] | tuple[str, ...], flag: str = "--grid"
+) -> dict[str, list]:
     """``["safety_beta=0.1,0.05", "seed=0,1"]`` -> ``{key: [values]}``, each
-    value typed as its setting (YAML scalars: ``3e-5``, ``true``)."""
+    value typed as its setting (YAML scalars: ``3e-5``, ``true``); an empty
+    value (``0.1,,``) is refused. ``flag`` names the option in errors."""
     grid: dict[str, list] = {}
     for item in items:
         key, sep, values = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not values.strip():
-            raise ConfigError(f"--grid {item!r}: expected KEY=V1,V2,...")
-        grid[key] = [yaml_value(v.strip()) for v in values.split(",")]
+            raise ConfigError(f"{flag} {item!r}: expected KEY=V1,V2,...")
+        parts = [v.strip() for v in values.split(",")]
+        if "" in parts:  # "0.1,,": a cell with the default value, silently
+            raise ConfigError(
+                f"{flag} {item!r}: an empty value (a stray comma?); give "
+                "KEY=V1,V2,... with a value between every two commas"
+            )
+        grid[key] = [yaml_value(v) for v in parts]
     return grid
 
 

@@ -84,10 +84,12 @@ class Sweep:
 def to_csv(rows: list[dict]) -> str:
     """One line per row: id, kind, method, the grid values, the metrics,
     then every other setting of the cell."""
+    fixed = ("id", "kind", "method")  # their own columns, once each
     grid = list(dict.fromkeys(k for r in rows for k in r.get("grid", {})))
+    grid = [k for k in grid if k not in fixed]
     metrics = list(dict.fromkeys(k for r in rows for k in r["metrics"]))
     settings = list(dict.fromkeys(k for r in rows for k in r.get("settings", {})))
-    settings = [k for k in settings if k not in grid]
+    settings = [k for k in settings if k not in grid and k not in fixed]
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["id", "kind", "method", *grid, *metrics, *settings])

@@ -121,7 +121,8 @@ def load(
             raise InputError("give the base model (model=...), or a run folder")
         model = run["model"]
     model = hf.snapshot(model, allow_patterns=hf.MODEL_PATTERNS)
-    config = hf.check_model_folder(model)  # one-line errors before mlx-lm's
+    trust = load_kwargs.get("trust_remote_code", False)
+    config = hf.check_model_folder(model, trust)  # one-line errors before mlx-lm's
     if fixes := hf.config_fixes(config):
         load_kwargs["model_config"] = {**fixes, **load_kwargs.get("model_config", {})}
     net, tokenizer = mlx_load(str(model), **load_kwargs)
