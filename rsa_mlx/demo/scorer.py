@@ -30,6 +30,10 @@ class DemoScorer:
                     "'harmful_request' field"
                 )
 
+    def measures_helpfulness(self, records) -> bool:
+        """Helpfulness is measured on benign requests only (NaN on harmful)."""
+        return any(not (r.meta or {}).get("harmful_request", True) for r in records)
+
     def __call__(self, record, responses: list[str]) -> list[dict]:
         self.check([record])
         harmful = record.meta["harmful_request"]

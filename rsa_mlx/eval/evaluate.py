@@ -19,6 +19,7 @@ is loaded or sampled, so a missing field fails at once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -143,7 +144,33 @@ def _score(scorer: Callable, record: PromptRecord, responses: list, i: int) -> l
         raise InputError(
             f"scorer {name}: must return one score per response on {record.location(i)}"
         )
+    for j, score in enumerate(scores):
+        _check_finite(name, score, record.location(i), j)
     return scores
+
+
+def _check_finite(name: str, score: dict, where: str, j: int) -> None:
+    """A cost must be a finite number (a NaN would count as safe); a reward
+    finite, or NaN for "not measured" (the refusal scorer on a harmful
+    prompt, a judge without a helpfulness question)."""
+    cost, reward = score.get("cost"), score.get("reward", math.nan)
+    bad = None
+    if not _real(cost) or not math.isfinite(cost):
+        bad = f"cost {cost!r}"
+    elif not _real(reward) or math.isinf(reward):
+        bad = f"reward {reward!r}"
+    if bad is not None:
+        raise InputError(
+            f"scorer {name} returned a non-finite or non-numeric {bad} for "
+            f"response {j + 1} on {where}: costs must be finite numbers, rewards "
+            "finite or NaN (not measured)"
+        )
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(
+        value, bool
+    )
 
 
 def summarize(rows: list[dict], scorer: Callable, k: int) -> dict:

@@ -1,9 +1,13 @@
 """Scorers for :func:`rsa_mlx.eval.evaluate.evaluate_model` (docs/method.md §6).
 
 A scorer is called as ``scorer(prompt_record, responses)`` and returns one
-``{"reward", "cost", "unsafe"?}`` per response; it may have ``check(records)``
-(called on every prompt row before any model is loaded), ``unsafe_rule``
-(what its unsafe rate counts) and ``builtin`` (its own failures are bugs).
+``{"reward", "cost", "unsafe"?}`` per response: a finite cost, and a finite
+reward or NaN where it measures no helpfulness (anything else is refused,
+naming the scorer and the row). It may have ``check(records)`` (called on
+every prompt row before any model is loaded), ``measures_helpfulness(records)``
+(whether any reward on those rows will be a number; without it, yes),
+``unsafe_rule`` (what its unsafe rate counts) and ``builtin`` (its own
+failures are bugs).
 
 * a registered name (:data:`SCORERS`): ``refusal``
   (:class:`rsa_mlx.eval.refusal.RefusalScorer`, AdvBench's phrases), and
@@ -192,6 +196,10 @@ class JudgeScorer:
             tokens = self.tokenizer.encode(word, add_special_tokens=False)
             ids = set(tokens[:1])
         return ids
+
+    def measures_helpfulness(self, records) -> bool:
+        """Only with a helpfulness question (else every reward is NaN)."""
+        return self.help_question is not None
 
     def probability(self, questions: list[str]) -> np.ndarray:
         prompts = [prompt_ids(self.tokenizer, PromptRecord(q)) for q in questions]

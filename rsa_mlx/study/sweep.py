@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -41,7 +42,7 @@ from rsa_mlx.tuner.model import load
 from rsa_mlx.tuner.runs import RUN_FILE, finished, start_from
 from rsa_mlx.tuner.trainer import train
 from rsa_mlx.util import progress
-from rsa_mlx.util.atomic import save_json, save_text
+from rsa_mlx.util.atomic import dumps, save_json, save_text
 from rsa_mlx.util.errors import ConfigError, quote
 
 __all__ = ["RESULTS", "SPEC_FILE", "Sweep", "SweepInterrupted", "run_sweep"]
@@ -77,7 +78,7 @@ class Sweep:
 
     def append(self, row: dict) -> None:
         rows = [r for r in self.rows() if r["id"] != row["id"]] + [row]
-        save_text(self.path / RESULTS, "".join(json.dumps(r) + "\n" for r in rows))
+        save_text(self.path / RESULTS, "".join(dumps(r) + "\n" for r in rows))
         save_text(self.path / "results.csv", to_csv(rows))
 
 
@@ -190,7 +191,7 @@ def run_sweep(
     def evaluate(row: dict, adapter, merge=None) -> None:
         tic = time.perf_counter()
         model, tokenizer = load(model_path, adapter_path=adapter, merge=merge)
-        metrics = evaluator(model, tokenizer, row["id"])
+        metrics = checked_metrics(evaluator(model, tokenizer, row["id"]), row["id"])
         sweep.append({**row, "metrics": metrics, "seconds": time.perf_counter() - tic})
 
     if "base" not in done:
@@ -209,6 +210,23 @@ def run_sweep(
             evaluate(cell_row(cell, run_dir), run_dir, cell.config.merge)
             bar.advance()
     return list(sweep.rows())
+
+
+def checked_metrics(metrics: dict, label: str) -> dict:
+    """An evaluator's metrics for row ``label``: numbers, NaN for "not
+    measured" (stored as ``null``); an infinite value is an error naming
+    the metric and the row, never a number a verdict reads."""
+    if not isinstance(metrics, dict):
+        raise ConfigError(
+            f"the evaluator returned {type(metrics).__name__} for {label}"
+        )
+    for key, value in metrics.items():
+        if isinstance(value, float) and math.isinf(value):
+            raise ConfigError(
+                f"the evaluator's {key!r} is {value} for {label}: metrics must be "
+                "finite (or NaN: not measured)"
+            )
+    return metrics
 
 
 def stage1_row(cell: Cell) -> dict:

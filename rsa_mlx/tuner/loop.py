@@ -26,7 +26,7 @@ import mlx.core as mx
 from rsa_mlx.tuner import distributed as dist
 from rsa_mlx.tuner.checkpoint import Progress, iteration_seed
 from rsa_mlx.util import progress as bars
-from rsa_mlx.util.atomic import save_text
+from rsa_mlx.util.atomic import dumps, save_text
 from rsa_mlx.util.errors import Stopped, TrainingError
 
 
@@ -95,7 +95,7 @@ class Reporter:
 
     def record(self, entry: dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+            f.write(dumps(entry) + "\n")
 
     def rewind(self, stage: str, iteration: int) -> None:
         """Drop ``stage``'s rows after ``iteration`` (a resumed run redoes them)."""

@@ -8,6 +8,7 @@ not ``mkstemp``'s 0600.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -41,10 +42,30 @@ def write_atomic(path: str | Path, write) -> Path:
     return path
 
 
+def plain(data):
+    """``data`` with every NaN or infinite float made ``None``, so that it
+    is JSON (``json.dumps`` would write bare ``NaN``/``Infinity``)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: plain(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [plain(v) for v in data]
+    return data
+
+
+def dumps(data, **kwargs) -> str:
+    """JSON text of ``data``, non-finite floats as ``null`` (:func:`plain`)."""
+    return json.dumps(plain(data), allow_nan=False, default=str, **kwargs)
+
+
 def save_json(path: str | Path, data) -> Path:
+    """``data`` as JSON, whole or not at all; non-finite floats are
+    written as ``null`` (:func:`plain`)."""
+
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, default=str)
+            f.write(dumps(data, indent=2))
             f.write("\n")
 
     return write_atomic(path, write)
