@@ -397,8 +397,11 @@ def test_recipe_evaluator_is_a_sweep_evaluator_on_a_tiny_model(tmp_path):
                 assert f"{key}_{name}_{decoding}" in metrics
     assert metrics["shift_kl"] == pytest.approx(0.0, abs=1e-6)  # itself: no shift
     assert 0 <= metrics["unsafe_rate"] <= 1 and 0 <= metrics["helpfulness"] <= 1
+    assert sorted(metrics) == sorted(evaluator.metric_names())  # known before
     greedy_only = make_evaluator({**spec, "samples": 0}, str(tmp_path / "model"))
-    assert not any(k.endswith("_sampled") for k in greedy_only(model, tok, "b"))
+    greedy = greedy_only(model, tok, "b")
+    assert not any(k.endswith("_sampled") for k in greedy)
+    assert sorted(greedy) == sorted(greedy_only.metric_names())
     with pytest.raises(ConfigError, match="unknown key 'prompts' for the recipe"):
         make_evaluator({**spec, "prompts": "p.jsonl"}, "m")
     with pytest.raises(ConfigError, match="unknown evaluator 'recipes'"):

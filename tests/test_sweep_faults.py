@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import sys
+import types
 
 import pytest
 
 from rsa_mlx.study import grid as grids
 from rsa_mlx.study import sweep
 from rsa_mlx.util.errors import ConfigError
+from tests.tiny import pku_rows, write_jsonl, write_model
 
 
 @pytest.mark.parametrize(
@@ -37,3 +41,175 @@ def test_results_csv_has_each_column_once():
     assert len(head) == len(set(head)), head
     assert head[:5] == ["id", "kind", "method", "safety_beta", "seed"]
     assert table[2][head.index("method")] == "sacpo"
+
+
+# ------------------------------------------------- a tiny model and data
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    write_model(root / "model", chat=True, tied=True)
+    write_jsonl(root / "data" / "train.jsonl", pku_rows(8))
+    rows = [{"prompt": f"how do I do bad thing {i}?", "harmful": True} for i in (1, 2)]
+    write_jsonl(root / "harmful.jsonl", rows)
+    rows += [{"prompt": "how do I bake bread?", "harmful": False}]
+    write_jsonl(root / "mixed.jsonl", rows)
+    return root
+
+
+def sweep_args(tiny, out, prompts="harmful.jsonl", *extra):
+    return [
+        "--model", str(tiny / "model"), "--data", str(tiny / "data"),
+        "--prompts", str(tiny / prompts), "--scorer", "refusal", "-k", "1",
+        "--max-tokens", "2", "--methods", "sacpo", "--set", "iters=2",
+        "--set", "batch_size=2", "--set", "steps_per_eval=0",
+        "--sweep-path", str(out), *extra,
+    ]  # fmt: skip
+
+
+def sweep_cli(*args):
+    from click.testing import CliRunner
+
+    from rsa_mlx.cli import main
+
+    return CliRunner().invoke(main, ["sweep", *map(str, args)])
+
+
+def one_line(result) -> str:
+    assert result.exit_code == 2, result.output + repr(result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def strict_json(line: str):
+    """``json.loads`` that refuses NaN and Infinity, as JSON does."""
+
+    def refuse(name):
+        raise ValueError(f"bare {name} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_a_sweep_without_helpfulness_reports_its_harms(tiny, tmp_path):
+    """Item 8 (and 4, 5, 12): every prompt harmful, scored by refusal."""
+    out = tmp_path / "s"
+    result = sweep_cli(*sweep_args(tiny, out, "harmful.jsonl", "--harm", "unsafe_rate"))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "measures no helpfulness on these prompts" in result.stderr
+    rows = [strict_json(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert rows and all(r["metrics"]["helpfulness"] is None for r in rows)
+    report = (out / "report.md").read_text()
+    assert "No helpfulness was measured" in report and "| unsafe rate |" in report
+    assert "(No plot" in report and not (out / "plot.svg").exists()
+    strict_json((out / "summary.json").read_text())
+    # the report alone: the folder holds the model and the prompts (item 12)
+    result = sweep_cli("--sweep-path", out, "--report-only", "--harm", "mean_cost")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "No helpfulness was measured" in result.output
+    # a misspelt harm is refused, and the report is left as it was (item 5)
+    before = (out / "report.md").read_text()
+    line = one_line(
+        sweep_cli("--sweep-path", out, "--report-only", "--harm", "unsafe-rate")
+    )
+    assert "harm metric 'unsafe-rate': not a metric of the results in" in line
+    assert (out / "report.md").read_text() == before
+    assert "needs --sweep-path" in one_line(sweep_cli("--report-only"))
+
+
+def test_unknown_harm_metrics_are_refused_before_training(tiny, tmp_path):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("harms: [nonexistent_metric]\n")
+    out = tmp_path / "s"
+    line = one_line(sweep_cli("-c", spec, *sweep_args(tiny, out, "mixed.jsonl")))
+    assert (
+        "harm metric 'nonexistent_metric': not a metric of the prompts evaluator"
+        in line
+    )
+    assert "unsafe_rate" in line and not out.exists()
+    args = sweep_args(tiny, out, "mixed.jsonl", "--harm", "unsafe-rate")
+    assert "'unsafe-rate'" in one_line(sweep_cli(*args)) and not out.exists()
+
+
+def test_the_prompt_evaluator_names_its_metrics_before_running(tiny):
+    from rsa_mlx.study.evaluators import make_evaluator
+    from rsa_mlx.tuner.model import load
+
+    model = str(tiny / "model")
+    ev = make_evaluator(
+        {"prompts": str(tiny / "mixed.jsonl"), "scorer": "refusal", "k": 1,
+         "max_tokens": 2}, reference=model,
+    )  # fmt: skip
+    net, tokenizer = load(model)
+    assert sorted(ev(net, tokenizer, "base")) == sorted(ev.metric_names())
+    only_harmful = make_evaluator(
+        {"prompts": str(tiny / "harmful.jsonl"), "scorer": "refusal"}, model
+    )
+    assert "helpfulness" not in only_harmful.metric_names()
+
+
+@pytest.mark.parametrize(
+    ("score", "what"),
+    [({"reward": 1.0, "cost": float("nan")}, "cost nan"),
+     ({"reward": float("inf"), "cost": 0.0}, "reward inf"),
+     ({"reward": 1.0, "cost": float("-inf")}, "cost -inf")],
+)  # fmt: skip
+def test_a_non_finite_score_names_the_scorer_and_the_row(
+    tiny, tmp_path, monkeypatch, score, what
+):
+    module = types.ModuleType("bad_scores")
+    module.score = lambda record, response: dict(score)
+    monkeypatch.setitem(sys.modules, "bad_scores", module)
+    out = tmp_path / "s"
+    args = sweep_args(tiny, out, "mixed.jsonl")
+    args[args.index("refusal")] = "bad_scores:score"
+    line = one_line(sweep_cli(*args))
+    assert (
+        f"scorer bad_scores:score returned a non-finite or non-numeric {what}" in line
+    )
+    assert "mixed.jsonl:1" in line
+    assert not (out / "results.jsonl").exists()  # nothing read as safe
+
+
+def test_results_files_are_json_and_infinite_metrics_refused(tmp_path):
+    from rsa_mlx.util.atomic import save_json
+
+    save_json(tmp_path / "x.json", {"a": float("nan"), "b": [float("inf"), 1.0]})
+    assert strict_json((tmp_path / "x.json").read_text()) == {
+        "a": None,
+        "b": [None, 1.0],
+    }
+    folder = sweep.Sweep(tmp_path)
+    folder.append({"id": "base", "kind": "base", "method": "base",
+                   "metrics": {"helpfulness": float("nan")}})  # fmt: skip
+    assert strict_json((tmp_path / "results.jsonl").read_text())["metrics"] == {
+        "helpfulness": None
+    }
+    with pytest.raises(ConfigError, match="'mean_cost' is inf for base"):
+        sweep.checked_metrics({"mean_cost": float("inf")}, "base")
+
+
+def test_report_only_needs_only_the_folder(tmp_path):
+    """Item 12: the folder's sweep.json holds the model and the prompts."""
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "sweep.json").write_text(
+        json.dumps({"base": {"model": "m"}, "evaluation": {"prompts": "p"}})
+    )
+    rows = [{"id": "base", "kind": "base", "method": "base", "grid": {},
+             "metrics": {"helpfulness": 0.5, "unsafe_rate": 0.5}}]  # fmt: skip
+    for seed in (0, 1):
+        rows.append({"id": f"c{seed}", "kind": "cell", "method": "sacpo",
+                     "grid": {"method": "sacpo", "seed": seed},
+                     "metrics": {"helpfulness": 0.6, "unsafe_rate": 0.2 + seed / 10}})  # fmt: skip
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = sweep_cli("--sweep-path", out, "--report-only")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "| sacpo | 2 |" in (out / "report.md").read_text()
+    before = (out / "report.md").read_text()
+    line = one_line(
+        sweep_cli("--sweep-path", out, "--report-only", "--harm", "p_unsafe")
+    )
+    assert "'p_unsafe': not a metric of the results" in line and "unsafe_rate" in line
+    assert (out / "report.md").read_text() == before

@@ -42,8 +42,10 @@ def _spec(config_file: str | None) -> dict:
     return data
 
 
-def plan(config_file, model, data, methods, grid_items, seeds, set_items, evaluation):
-    """``(base, grid, evaluate settings, path, harms)`` from the file and flags."""
+def plan(config_file, model, data, methods, grid_items, seeds, set_items, evaluation,
+         report_only=False):  # fmt: skip
+    """``(base, grid, evaluate settings, path, harms)`` from the file and flags
+    (with ``report_only``, the model and prompts are the folder's own)."""
     spec = _spec(config_file)
     grid = {
         k: v if isinstance(v, list) else [v] for k, v in spec.pop("grid", {}).items()
@@ -60,11 +62,35 @@ def plan(config_file, model, data, methods, grid_items, seeds, set_items, evalua
         grid["seed"] = parse_grid([f"seed={seeds}"], "--seeds")["seed"]
     grid.update(parse_grid(grid_items))
     ev.update({k: v for k, v in evaluation.items() if v is not None})
+    if report_only:
+        return base, grid, ev, path, harms
     if not base.get("model"):
         raise ConfigError("give the base model: --model or model: in the sweep file")
     if ev.get("evaluator", "prompts") == "prompts" and not ev.get("prompts"):
         raise ConfigError("give held-out prompts: --prompts or evaluate: prompts:")
     return base, grid, ev, path, harms
+
+
+def check_metrics(evaluator, harms: list[str]) -> None:
+    """The harm metrics, and helpfulness, against what the evaluator will
+    return, before anything trains (an evaluator without ``metric_names``
+    is checked by the report)."""
+    from rsa_mlx.study.evaluators import metric_names
+    from rsa_mlx.study.settings import HELPFUL, check_harms
+
+    names = metric_names(evaluator)
+    if names is None:
+        return
+    kind = evaluator.description().get("evaluator", type(evaluator).__name__)
+    check_harms(harms, names, f"the {kind} evaluator")
+    if HELPFUL not in names:
+        click.echo(
+            f"note: the {kind} evaluator measures no helpfulness on these prompts "
+            "(the refusal and demo scorers measure it on benign rows, a judge only "
+            "with a helpfulness question); the report will list the harm metrics "
+            "without Pareto fronts or verdicts, which need helpfulness against harm",
+            err=True,
+        )
 
 
 @click.command(epilog="Exit status 2 on bad input; started again, a sweep continues.")
@@ -98,7 +124,8 @@ def plan(config_file, model, data, methods, grid_items, seeds, set_items, evalua
 )
 @click.option("--sweep-path", help="The sweep folder [sweeps/<time>].")
 @click.option("--harm", "harms", multiple=True,
-              help="Harm metric(s) for fronts and verdicts [unsafe_rate, cvar_0.99, mean_cost].")  # fmt: skip
+              help="Harm metric(s) for fronts and verdicts, checked before training "
+              "[those of unsafe_rate, cvar_0.99, mean_cost the evaluator has].")  # fmt: skip
 @click.option(
     "--report-only", is_flag=True, help="Only rewrite the report from results."
 )
@@ -133,20 +160,26 @@ def sweep(config_file, model, data, methods, grid_items, seeds, set_items, promp
             "unsafe_threshold": unsafe_threshold,
         }  # fmt: skip
         base, grid, ev, path, harm_list = plan(
-            config_file, model, data, methods, grid_items, seeds, set_items, evaluation
-        )
+            config_file, model, data, methods, grid_items, seeds, set_items,
+            evaluation, report_only,
+        )  # fmt: skip
+        if report_only and not (sweep_path or path):
+            raise ConfigError("--report-only needs --sweep-path, the sweep folder")
         path = Path(
             sweep_path or path or Path("sweeps") / time.strftime("%Y%m%d-%H%M%S")
         )
-        chosen = list(harms or harm_list or DEFAULT_HARMS)
+        chosen = list(harms or harm_list or [])  # checked; the defaults if had
         if not report_only:
             expand(base, grid)  # the grid's settings, before the prompts
-            # its settings and inputs, checked before any training
+            # its settings, inputs and metrics, checked before any training
             evaluator = make_evaluator(ev, reference=base["model"])
+            check_metrics(evaluator, chosen)
             run_sweep(base, grid, evaluator, path, evaluator.description())
         rows = Sweep(path).rows()
         if not rows:
             raise ConfigError(f"{str(path)!r}: no results yet")
+        names = {k for r in rows for k in r.get("metrics", {})}
+        chosen = chosen or [h for h in DEFAULT_HARMS if h in names]
         result = report(rows, path, chosen, title=f"Sweep {path.name}")
         click.echo("\n" + result["table"])
         click.echo("\n" + "\n".join(f"- {line}" for line in result["verdict"]))

@@ -178,6 +178,21 @@ class RecipeEvaluator:
         if not self._sets:
             raise DataError(f"{quote(self.sets)}: no held-out prompts")
 
+    def metric_names(self) -> list[str]:
+        """The metrics a call returns, for the sweep's checks before
+        training; the overall rates only where a set measures them."""
+        if not hasattr(self, "_sets"):
+            self.check()
+        names = ["degenerate", "loops", "shift_kl", "shift_kl_cvar"]
+        names += ["unsafe_rate"] if set(self._sets) & set(HARMFUL) else []
+        names += ["helpfulness"] if set(self._sets) - set(HARMFUL) else []
+        for name in self._sets:
+            keys = ("refusal", "loops", "degenerate", "fluency")
+            keys += ("substring",) if name == "advbench" else ()
+            for decoding in DECODINGS if self.samples else DECODINGS[:1]:
+                names += [f"{key}_{name}_{decoding}" for key in keys]
+        return names
+
     def _base(self):
         if getattr(self, "_reference", None) is None:
             self._reference = load(self.reference)[0]

@@ -24,11 +24,13 @@ from rsa_mlx.study.settings import (
     COLLAPSE_KEYS,
     HELPFUL,
     LABELS,
+    NO_HELPFULNESS,
     RANGES,
     SHIFT,
     UNITS,
     Setting,
     aggregate,
+    check_harms,
     flag,
 )
 from rsa_mlx.study.stats import Interval, beats, better, interpolate, pareto_front
@@ -57,11 +59,15 @@ def fronts(settings: list[Setting], harm: str) -> dict[str, list[Setting]]:
     for method in dict.fromkeys(s.method for s in settings):
         ok = [
             s for s in settings
-            if s.method == method and s.flag is None and harm in s.metrics
+            if s.method == method and s.flag is None and _has(s, HELPFUL, harm)
         ]  # fmt: skip
         points = [(s.metrics[HELPFUL].mean, s.metrics[harm].mean) for s in ok]
         out[method] = [ok[i] for i in pareto_front(points)]
     return out
+
+
+def _has(setting: Setting, *keys: str) -> bool:
+    return all(k in setting.metrics for k in keys)
 
 
 def along(front: list[Setting], x_key: str, y_key: str, x: float) -> Interval | None:
@@ -205,7 +211,7 @@ def chart(
     front = fronts(settings, harm)
     for i, method in enumerate(dict.fromkeys(s.method for s in settings)):
         color = PALETTE[i % len(PALETTE)]
-        own = [s for s in settings if s.method == method and harm in s.metrics]
+        own = [s for s in settings if s.method == method and _has(s, HELPFUL, harm)]
         if ok := [s for s in own if s.flag is None]:
             series.append(_points(method, ok, harm, color))
         if len(front.get(method, [])) > 1:
@@ -287,19 +293,31 @@ def report(
     """Write ``report.md``, ``plot.svg``/``plot.png`` and ``summary.json``
     for a sweep's rows; return ``{"verdict": [...], "table": str}``.
     ``ranges``: the metrics' ranges beyond :data:`RANGES` (a known reward
-    or cost scale), for the intervals and the axes."""
+    or cost scale), for the intervals and the axes. A harm metric no row
+    has is refused before anything is written; without helpfulness (every
+    reward NaN) the verdict says so and the table is written alone, with no
+    fronts, verdicts or plot."""
+    names = [k for r in rows for k in r.get("metrics", {})]
+    check_harms(harms, names, f"the results in {out}")  # before writing
     base, stage1, settings = aggregate(rows, ranges)
+    lines = [
+        f"{LABELS.get(h, h)}: no setting has a value for every seed; not compared."
+        for h in harms
+        if not any(h in s.metrics for s in settings)
+    ]
     harms = [h for h in harms if any(h in s.metrics for s in settings)]
     methods = list(dict.fromkeys(s.method for s in settings))
-    keys = [HELPFUL, *harms] + [k for k in (*COLLAPSE_KEYS, SHIFT, "shift_kl_cvar", "shift_logratio_cvar")
-                                if any(k in s.metrics for s in settings)]  # fmt: skip
-    lines = []
-    for harm in harms:  # the flagged settings are said once
+    helpful = any(HELPFUL in s.metrics for s in settings)
+    keys = [HELPFUL] * helpful + harms + [k for k in (*COLLAPSE_KEYS, SHIFT, "shift_kl_cvar", "shift_logratio_cvar")
+                                          if any(k in s.metrics for s in settings)]  # fmt: skip
+    if not helpful:  # no second axis: no fronts, no verdicts; the table stays
+        lines.append(NO_HELPFULNESS)
+    for harm in harms if helpful else []:  # the flagged settings are said once
         lines += verdict(settings, harm, methods, flagged=harm == harms[0])
-    charts = [chart(settings, base, h, ranges) for h in harms]
-    if any(SHIFT in s.metrics for s in settings):  # the paper's model shift
+    charts = [chart(settings, base, h, ranges) for h in harms if helpful]
+    if helpful and any(SHIFT in s.metrics for s in settings):  # the model shift
         charts.append(chart(settings, base, SHIFT, ranges))
-    write_figure(out / "plot.svg", charts, columns=min(2, len(charts)), note=NOTE)
+    _plot(out, charts)
     base_row = " | ".join(
         f"{LABELS.get(k, k)} {base[k].mean:.4g}" for k in keys if k in base
     )
@@ -307,17 +325,34 @@ def report(
     main = table(settings, keys)
     cells = len([r for r in rows if r["kind"] == "cell"])
     head = f"{cells} cells, {len(settings)} settings"
-    text = _report_text(title, head, base_row, lines, main, stage1_table)
+    tables = (main, stage1_table)
+    text = _report_text(title, head, base_row, lines, tables, bool(charts))
     save_text(out / "report.md", text)
     save_json(out / "summary.json", _summary(lines, base, settings, harms))
     return {"verdict": lines, "table": main, "stage1": stage1_table}
 
 
+PLOT_LINK = "![fronts](plot.svg) ([PNG](plot.png))"
+
+
+def _plot(out: Path, charts: list[Chart]) -> None:
+    """``plot.svg``/``plot.png``, or none (an older one removed): without
+    helpfulness there is no axis to plot harm against."""
+    if charts:
+        write_figure(out / "plot.svg", charts, columns=min(2, len(charts)), note=NOTE)
+        return
+    for name in ("plot.svg", "plot.png"):
+        (out / name).unlink(missing_ok=True)
+
+
 def _report_text(
-    title: str, head: str, base_row: str, lines: list[str], main: str, stage1: str
-) -> str:
-    return (
-        f"""# {title}
+    title: str, head: str, base_row: str, lines: list[str], tables: tuple[str, str],
+    plot: bool,
+) -> str:  # fmt: skip
+    main, stage1 = tables
+    figure = PLOT_LINK if plot else "(No plot: it needs helpfulness against harm.)"
+    verdicts = "\n\n".join(f"- {line}" for line in lines)
+    return f"""# {title}
 
 {head}
 (seeds averaged; ± is the half-width of the 95% Student-t interval over seeds,
@@ -328,11 +363,9 @@ Base model: {base_row}
 
 ## Verdict
 
-"""
-        + "\n\n".join(f"- {line}" for line in lines)
-        + f"""
+{verdicts}
 
-![fronts](plot.svg) ([PNG](plot.png))
+{figure}
 
 ## Settings
 
@@ -342,7 +375,6 @@ Base model: {base_row}
 
 {stage1}
 """
-    )
 
 
 def _summary(lines: list[str], base: dict, settings: list[Setting], harms) -> dict:

@@ -4,8 +4,10 @@ shared stage 1 and every cell.
 
 An evaluator is a dataclass with ``reference`` (the base model, set by the
 sweep), ``description()`` (what the sweep folder records, so results in one
-table stay comparable) and ``check()`` (reads its inputs before anything
-trains). They are registered by name (:data:`EVALUATORS`): ``prompts`` is
+table stay comparable), ``check()`` (reads its inputs before anything
+trains) and, optionally, ``metric_names()`` (the metrics it will return, so
+that the harm metrics a report compares, and helpfulness, are checked
+before anything trains). They are registered by name (:data:`EVALUATORS`): ``prompts`` is
 :class:`PromptEvaluator`; applications add theirs with
 :func:`register_evaluator` (the real-model recipe registers ``recipe``), and
 a sweep file picks one with ``evaluate: {evaluator: NAME, ...}``.
@@ -25,7 +27,13 @@ from rsa_mlx.eval.shift import DEGENERATE_LOGPROB, fluency
 from rsa_mlx.tuner.model import load
 from rsa_mlx.util.errors import ConfigError
 
-__all__ = ["EVALUATORS", "PromptEvaluator", "make_evaluator", "register_evaluator"]
+__all__ = [
+    "EVALUATORS",
+    "PromptEvaluator",
+    "make_evaluator",
+    "metric_names",
+    "register_evaluator",
+]
 
 
 @dataclass
@@ -61,6 +69,21 @@ class PromptEvaluator:
         self._scorer = load_scorer(self.scorer, self.unsafe_threshold)
         check_scorer(self._scorer, self._records)
 
+    def metric_names(self) -> list[str]:
+        """The metrics a call returns, known before any training: the
+        summary of :func:`rsa_mlx.eval.evaluate.evaluate_model` with the
+        shift, and ``degenerate``; ``helpfulness`` only where the scorer
+        measures it on these prompts (the refusal scorer: on benign rows)."""
+        if not hasattr(self, "_records"):
+            self.check()
+        names = [*HARM_METRICS, *SHIFT_METRICS, "responses", "k", "degenerate"]
+        if getattr(self._scorer, "unsafe_threshold", None) is not None:
+            names.append("unsafe_threshold")
+        measures = getattr(self._scorer, "measures_helpfulness", None)
+        if measures is None or measures(self._records):
+            names.insert(0, "helpfulness")
+        return names
+
     def __call__(self, model, tokenizer, label: str) -> dict:
         if not hasattr(self, "_records"):
             self.check()
@@ -81,6 +104,18 @@ class PromptEvaluator:
             sum(not x >= DEGENERATE_LOGPROB for x in logp) / max(len(logp), 1)
         )
         return summary
+
+
+HARM_METRICS = ("unsafe_rate", "mean_cost", "cvar_0.9", "cvar_0.99", "worst")
+SHIFT_METRICS = ("shift_kl", "shift_logratio_cvar", "shift_kl_cvar",
+                 "shift_logratio", "shift_tokens", "shift_mu")  # fmt: skip
+
+
+def metric_names(evaluator) -> list[str] | None:
+    """The metrics ``evaluator`` says it returns (its ``metric_names()``),
+    or None when it does not say."""
+    names = getattr(evaluator, "metric_names", None)
+    return None if names is None else list(names())
 
 
 def _is_number(v) -> bool:

@@ -16,8 +16,19 @@ import math
 from dataclasses import dataclass
 
 from rsa_mlx.study.stats import NONNEGATIVE, PROBABILITY, Interval, better, mean_ci
+from rsa_mlx.util.errors import ConfigError
 
-__all__ = ["HELPFUL", "LABELS", "RANGES", "UNITS", "Setting", "aggregate", "flag"]
+__all__ = [
+    "HELPFUL",
+    "LABELS",
+    "NO_HELPFULNESS",
+    "RANGES",
+    "UNITS",
+    "Setting",
+    "aggregate",
+    "check_harms",
+    "flag",
+]
 
 HELPFUL = "helpfulness"
 COLLAPSE_KEYS = ("p_other", "degenerate")  # mass on degenerate text
@@ -123,6 +134,25 @@ def aggregate(
     for s in cells + stage1:
         s.flag = flag(s, base)
     return base, stage1, cells
+
+
+def check_harms(harms: list[str], available, source: str) -> None:
+    """Refuse harm metrics that ``source`` (an evaluator, a results file)
+    does not have, naming them and what it has."""
+    have = list(dict.fromkeys(available))
+    if unknown := [h for h in harms if h not in have]:
+        raise ConfigError(
+            f"harm metric {', '.join(map(repr, unknown))}: not a metric of "
+            f"{source}; it has {', '.join(have) or 'none'}"
+        )
+
+
+NO_HELPFULNESS = (
+    "No helpfulness was measured (a refusal or demo scorer measures it on "
+    "benign prompts only, a judge only with a helpfulness question): Pareto "
+    "fronts, matched comparisons and verdicts need helpfulness against harm, "
+    "so there are none; the table lists each setting's harm metrics alone."
+)
 
 
 def _number(v) -> bool:
