@@ -213,3 +213,104 @@ def test_report_only_needs_only_the_folder(tmp_path):
     )
     assert "'p_unsafe': not a metric of the results" in line and "unsafe_rate" in line
     assert (out / "report.md").read_text() == before
+
+
+# ------------------------------------------ inputs that change, relative paths
+
+
+class Recorder:
+    """A deterministic evaluator: one number of the model's logits."""
+
+    def __call__(self, model, tokenizer, label):
+        import mlx.core as mx
+
+        logits = model(mx.array([tokenizer.encode("bake a cake")])).astype(mx.float32)
+        return {"helpfulness": float(logits.mean().item()), "unsafe_rate": 0.0}
+
+
+def small_base(root):
+    return {
+        "model": str(root / "model"), "data": str(root / "data"), "iters": 2,
+        "batch_size": 2, "learning_rate": 1e-3, "steps_per_eval": 0,
+        "save_every": 2, "num_layers": -1,
+    }  # fmt: skip
+
+
+@pytest.fixture
+def own(tmp_path):
+    """A model, data and prompts of this test's own, to change."""
+    write_model(tmp_path / "model", chat=True, tied=True)
+    write_jsonl(tmp_path / "data" / "train.jsonl", pku_rows(8))
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi", "harmful": True}])
+    return tmp_path
+
+
+def test_changed_data_or_prompts_are_refused_on_a_grown_grid(own):
+    """Item 2: content hashes of the data, the prompts and the model."""
+    grid = {"method": ["sacpo"], "safety_beta": [0.1]}
+    grown = {"method": ["sacpo"], "safety_beta": [0.1, 0.05]}
+    description = {"evaluator": "test", "prompts": str(own / "p.jsonl")}
+    out = own / "s"
+    sweep.run_sweep(small_base(own), grid, Recorder(), out, description)
+    data = own / "data" / "train.jsonl"
+    original = data.read_text()
+    data.write_text("".join(original.splitlines(True)[:4]))  # cut to half
+    with pytest.raises(ConfigError, match=r"the reward data .*data' changed since"):
+        sweep.run_sweep(small_base(own), grown, Recorder(), out, description)
+    data.write_text(original)
+    prompts = own / "p.jsonl"
+    prompts.write_text(prompts.read_text().replace("true", "false"))
+    with pytest.raises(ConfigError, match=r"the prompts .*p\.jsonl' changed since"):
+        sweep.run_sweep(small_base(own), grown, Recorder(), out, description)
+    prompts.write_text(prompts.read_text().replace("false", "true"))
+    config = own / "model" / "config.json"
+    config.write_text(
+        config.read_text().replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": 0.1')
+    )
+    with pytest.raises(ConfigError, match=r"the model .*model' changed since"):
+        sweep.run_sweep(small_base(own), grown, Recorder(), out, description)
+    config.write_text(
+        config.read_text().replace('"rms_norm_eps": 0.1', '"rms_norm_eps": 1e-05')
+    )
+    rows = sweep.run_sweep(small_base(own), grown, Recorder(), out, description)
+    assert sum(r["kind"] == "cell" for r in rows) == 2
+    recorded = json.loads((out / "sweep.json").read_text())["inputs"]
+    whats = {v["what"] for v in recorded.values()}
+    assert whats == {"model", "reward data", "prompts"}
+
+
+def test_relative_and_absolute_paths_are_one_sweep(own, monkeypatch):
+    """Item 13: paths are compared resolved."""
+    grid = {"method": ["sacpo"], "safety_beta": [0.1]}
+    out = own / "s"
+    absolute = {"evaluator": "test", "prompts": str(own / "p.jsonl")}
+    sweep.run_sweep(small_base(own), grid, Recorder(), out, absolute)
+    monkeypatch.chdir(own)
+    relative = {**small_base(own), "model": "model", "data": "./data"}
+    rows = sweep.run_sweep(
+        relative, grid, Recorder(), "s", {**absolute, "prompts": "p.jsonl"}
+    )
+    assert sum(r["kind"] == "cell" for r in rows) == 1
+    with pytest.raises(ConfigError, match="another base"):
+        sweep.run_sweep({**relative, "iters": 3}, grid, Recorder(), "s", absolute)
+
+
+def test_digests_stream_files_and_read_only_weight_headers(tmp_path):
+    from rsa_mlx.util.fingerprint import digest
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})
+    blob = len(header).to_bytes(8, "little") + header.encode()
+    (folder / "model.safetensors").write_bytes(blob + b"\0" * 8)
+    first = digest(folder)
+    (folder / "model.safetensors").write_bytes(blob + b"\1" * 8)  # weights only
+    (folder / ".lock").write_text("123")  # hidden: left out
+    (folder / "pytorch_model.bin").write_bytes(b"x")  # not read by mlx-lm
+    assert digest(folder) == first
+    (folder / "config.json").write_text('{"a": 1}')
+    assert digest(folder) != first
+    assert digest(folder / "config.json") != digest(
+        tmp_path / "m" / "model.safetensors"
+    )

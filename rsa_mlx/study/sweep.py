@@ -39,11 +39,19 @@ from rsa_mlx.study.grid import SECOND_ONLY, Cell, expand
 from rsa_mlx.tuner.config import TrainConfig
 from rsa_mlx.tuner.loop import Interrupted
 from rsa_mlx.tuner.model import load
-from rsa_mlx.tuner.runs import RUN_FILE, finished, start_from
+from rsa_mlx.tuner.runs import (
+    RUN_FILE,
+    changed_inputs,
+    digest_inputs,
+    finished,
+    input_paths,
+    start_from,
+)
 from rsa_mlx.tuner.trainer import train
 from rsa_mlx.util import progress
 from rsa_mlx.util.atomic import dumps, save_json, save_text
 from rsa_mlx.util.errors import ConfigError, quote
+from rsa_mlx.util.fingerprint import local_path
 
 __all__ = ["RESULTS", "SPEC_FILE", "Sweep", "SweepInterrupted", "run_sweep"]
 
@@ -172,12 +180,10 @@ def run_sweep(
     train_fn = train_fn or train
     cells = expand(base, grid)
     sweep = Sweep(Path(path))
-    _check_spec(sweep, base, description or {})
+    spec = sweep_spec(base, grid, description or {}, cells)
+    spec["inputs"] = {**_check_spec(sweep, spec), **spec["inputs"]}
     sweep.path.mkdir(parents=True, exist_ok=True)
-    save_json(
-        sweep.path / SPEC_FILE,
-        {"base": base, "evaluation": description or {}, "grid": grid},
-    )
+    save_json(sweep.path / SPEC_FILE, spec)
     done = {r["id"] for r in sweep.rows()}
     todo = [c for c in cells if c.id not in done]
     echo = progress.echo
@@ -254,17 +260,59 @@ def cell_row(cell: Cell, run_dir: Path) -> dict:
     }
 
 
-def _check_spec(sweep: Sweep, base: dict, description: dict) -> None:
+PATH_KEYS = ("model", "data", "reward_data", "safety_data")
+
+
+def _resolved(settings: dict, keys=None) -> dict:
+    """``settings`` (as JSON reads it back) with the values of ``keys`` (all,
+    if None) that name local files or folders made absolute: the same sweep
+    given relative or absolute paths is the same sweep."""
+    out = json.loads(dumps(settings))
+    for key, value in out.items():
+        if (keys is None or key in keys) and (path := local_path(value)):
+            out[key] = str(path)
+    return out
+
+
+def sweep_spec(base: dict, grid: dict, description: dict, cells: list[Cell]) -> dict:
+    """What ``sweep.json`` records: the base settings and the evaluator's
+    description (paths resolved), the grid, and the content hash of every
+    local input: each cell's model and data, the evaluator's files."""
+    named = [pair for cell in cells for pair in input_paths(cell.config)]
+    named += [(k, p) for k, v in description.items() if (p := local_path(v))]
+    return {
+        "base": _resolved(base, PATH_KEYS),
+        "evaluation": _resolved(description),
+        "grid": grid,
+        "inputs": digest_inputs(named),
+    }
+
+
+def _check_spec(sweep: Sweep, spec: dict) -> dict:
+    """Refuse a folder holding a sweep with another base or evaluator, or
+    whose inputs changed since; return the inputs it recorded."""
     path = sweep.path / SPEC_FILE
     if not path.exists():
         if (sweep.path / RESULTS).exists():
             raise ConfigError(f"{quote(sweep.path)}: results without {SPEC_FILE}")
-        return
-    saved = json.loads(path.read_text())
-    same = json.loads(json.dumps({"base": base, "evaluation": description}))
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{quote(path)}: damaged ({e}); not a sweep file") from None
+    if saved.get("base") is not None:  # older files: as given
+        saved["base"] = _resolved(saved["base"], PATH_KEYS)
+    saved["evaluation"] = _resolved(saved.get("evaluation") or {})
     for key in ("base", "evaluation"):
-        if saved.get(key) != same[key]:
+        if saved.get(key) != spec[key]:
             raise ConfigError(
                 f"{quote(sweep.path)}: a sweep with another {key} is here; "
                 "choose another --sweep-path (the grid may grow, nothing else)"
             )
+    if changed := changed_inputs(saved.get("inputs"), spec["inputs"]):
+        raise ConfigError(
+            f"{quote(sweep.path)}: {'; '.join(changed)} changed since this sweep "
+            "started (its content hash differs), so new cells would not compare "
+            "with the old; restore it or choose another --sweep-path"
+        )
+    return saved.get("inputs") or {}

@@ -18,6 +18,7 @@ from rsa_mlx.tuner import adapters
 from rsa_mlx.tuner.config import TrainConfig
 from rsa_mlx.util.atomic import save_json, save_text
 from rsa_mlx.util.errors import InputError, TrainingError, quote
+from rsa_mlx.util.fingerprint import digest, local_path
 
 RUN_FILE = "run.json"
 
@@ -65,6 +66,35 @@ def finished(run_dir: Path) -> bool:
     return (Path(run_dir) / RUN_FILE).exists() and "final" in read_run(run_dir)
 
 
+def input_paths(cfg: TrainConfig) -> list[tuple[str, Path]]:
+    """``(what, resolved path)`` of the run's local inputs: the model and
+    each stage's data (Hugging Face ids are not local: left out)."""
+    named = [("model", cfg.model)]
+    named += [(f"{stage} data", cfg.stage_data(stage)) for stage in cfg.stage_names]
+    return [(what, path) for what, value in named if (path := local_path(value))]
+
+
+def digest_inputs(named: list[tuple[str, Path]]) -> dict[str, dict]:
+    """``{path: {"what", "sha256"}}``, each path hashed once
+    (:func:`rsa_mlx.util.fingerprint.digest`: streamed; a model's weights by
+    their safetensors headers)."""
+    out: dict[str, dict] = {}
+    for what, path in named:
+        if str(path) not in out:
+            out[str(path)] = {"what": what, "sha256": digest(path)}
+    return out
+
+
+def changed_inputs(saved: dict | None, current: dict) -> list[str]:
+    """``the <what> '<path>'`` for each input recorded in ``saved`` whose
+    content is no longer the same (inputs not recorded are new: fine)."""
+    return [
+        f"the {now['what']} {quote(path)}"
+        for path, now in current.items()
+        if path in (saved or {}) and saved[path].get("sha256") != now["sha256"]
+    ]
+
+
 def write_config(run_dir: Path, cfg: TrainConfig) -> None:
     """The run's settings as ``config.yaml``, the base of ``--resume``."""
     settings = yaml.safe_dump({**cfg.to_dict(), "resume": False}, sort_keys=False)
@@ -90,5 +120,6 @@ def start_from(cfg: TrainConfig, run_dir: Path, source: Path) -> None:
         shutil.copy2(Path(source) / first / name, tmp / first / name)
     write_config(tmp, cfg)
     run = {"model": cfg.model, "method": cfg.method_name(), "merge": cfg.merge}
-    save_json(tmp / RUN_FILE, {**run, "world_size": 1, "stages": [done[first]]})
+    run.update(inputs=digest_inputs(input_paths(cfg)), world_size=1)
+    save_json(tmp / RUN_FILE, {**run, "stages": [done[first]]})
     tmp.rename(run_dir)

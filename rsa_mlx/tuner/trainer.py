@@ -12,7 +12,6 @@ checkpoints are atomic, so ``resume`` continues exactly where a run stopped.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 
@@ -24,7 +23,13 @@ from rsa_mlx.tuner import distributed as dist
 from rsa_mlx.tuner.config import TrainConfig, differences, load_yaml, resolve
 from rsa_mlx.tuner.loop import Interrupted, Reporter, SilentReporter, StopSignals
 from rsa_mlx.tuner.model import RUN_FILE, load
-from rsa_mlx.tuner.runs import write_config
+from rsa_mlx.tuner.runs import (
+    changed_inputs,
+    digest_inputs,
+    input_paths,
+    read_run,
+    write_config,
+)
 from rsa_mlx.tuner.stage import StageData, prepare_data, train_stage
 from rsa_mlx.util.atomic import save_json
 from rsa_mlx.util.errors import ConfigError, TrainingError, quote
@@ -46,9 +51,10 @@ def _check_batch_size(cfg: TrainConfig) -> None:
         )
 
 
-def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> dict:
-    """Refuse a run folder that is in use, or a resume that cannot continue;
-    return the stages a resumed run already finished."""
+def _check_run_dir(cfg: TrainConfig, run_dir: Path, inputs: dict) -> dict:
+    """Refuse a run folder that is in use, or a resume that cannot continue
+    (other settings, or ``inputs`` whose content changed); return the stages
+    a resumed run already finished."""
     if not cfg.resume:
         if dist.is_main() and (run_dir / RUN_FILE).exists():  # rank 0 writes
             raise TrainingError(
@@ -67,8 +73,13 @@ def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> dict:
             f"{'; '.join(changed)}. Start a new run (another --adapter-path) or "
             "restore them"
         )
-    with open(run_dir / RUN_FILE) as f:
-        run = json.load(f)
+    run = read_run(run_dir)
+    if changed := changed_inputs(run.get("inputs"), inputs):
+        raise ConfigError(
+            f"cannot resume {quote(run_dir)}: {'; '.join(changed)} changed since "
+            "the run started (its content hash differs). Start a new run "
+            "(another --adapter-path) or restore it"
+        )
     dist.check_world_size(run_dir, run.get("world_size", 1))
     return {s["name"]: s for s in run.get("stages", [])}
 
@@ -174,7 +185,8 @@ def train(
     _check_batch_size(cfg)
     run_dir = Path(cfg.adapter_path) if cfg.adapter_path else default_run_dir(cfg)
     # Check everything before the run folder is touched.
-    previous = _check_run_dir(cfg, run_dir)
+    inputs = digest_inputs(input_paths(cfg))  # content hashes, to resume by
+    previous = _check_run_dir(cfg, run_dir, inputs)
     if model is None:
         model, tokenizer = load(cfg.model)
     adapters.check_targets(model, cfg.lora)
@@ -183,7 +195,7 @@ def train(
     }
     reporter = open_run(cfg, run_dir, reporter)
     run = {"model": cfg.model, "method": cfg.method_name(), "merge": cfg.merge}
-    run.update(world_size=dist.world_size(), stages=[])
+    run.update(inputs=inputs, world_size=dist.world_size(), stages=[])
     if not cfg.resume:  # marks the folder as a run, resumable from the start
         _write_run(run_dir, run)
     tic = time.perf_counter()
