@@ -63,3 +63,93 @@ def test_resume_refuses_changed_data(model, data, tmp_path):
     assert trainer.train(resume)["final"] == "final"
     recorded = json.loads((run_dir / "run.json").read_text())["inputs"]
     assert recorded[str(data.parent)]["what"] == "reward data"
+
+
+# ------------------------------------------------------------- damaged runs
+
+
+class Notes(trainer.Reporter):
+    def __init__(self, run_dir):
+        super().__init__(run_dir)
+        self.notes = []
+
+    def note(self, text):
+        self.notes.append(text)
+        super().note(text)
+
+
+def adapters_of(run_dir):
+    import mlx.core as mx
+    import numpy as np
+
+    loaded = mx.load(str(run_dir / "reward" / "adapters.safetensors"))
+    return {k: np.array(v) for k, v in loaded.items()}
+
+
+def align_resume(run_dir):
+    from click.testing import CliRunner
+
+    from rsa_mlx.cli import main
+
+    return CliRunner().invoke(
+        main, ["align", "--adapter-path", str(run_dir), "--resume"]
+    )
+
+
+def one_line(result) -> str:
+    assert result.exit_code == 2, result.output + repr(result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_older_one(model, data, tmp_path):
+    whole = tmp_path / "whole"
+    trainer.train(cfg_for(model, data, whole))
+    run_dir = tmp_path / "run"
+    resume = interrupted(model, data, run_dir)
+    steps = sorted((run_dir / "reward" / "checkpoints").glob("step_*"))
+    assert [p.name for p in steps] == ["step_0000002", "step_0000004"]
+    weights = steps[-1] / "adapters.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-16:] = b"\x7f" * 16  # garbage in the tensors, the header intact
+    weights.write_bytes(bytes(blob))
+    reporter = Notes(run_dir)
+    trainer.train(resume, reporter=reporter)
+    said = "\n".join(reporter.notes)
+    assert f"{weights}: damaged" in said and "from the older step_0000002" in said
+    want, got = adapters_of(whole), adapters_of(run_dir)
+    assert all((want[k] == got[k]).all() for k in want)  # bit for bit
+
+
+def test_damaged_run_files_are_one_line(model, data, tmp_path):
+    run_dir = tmp_path / "run"
+    interrupted(model, data, run_dir, at=3)  # one checkpoint: step 2
+    state = run_dir / "reward" / "checkpoints" / "step_0000002" / "state.json"
+    intact = state.read_text()
+    state.write_text(intact[: len(intact) // 2])
+    line = one_line(align_resume(run_dir))
+    assert f"'{state}': damaged" in line and "no older checkpoint" in line
+
+
+def test_a_truncated_run_json_is_one_line(model, data, tmp_path):
+    run_dir = tmp_path / "run"
+    interrupted(model, data, run_dir, at=3)
+    run = run_dir / "run.json"
+    run.write_text(run.read_text()[:20])
+    line = one_line(align_resume(run_dir))
+    assert f"'{run}': malformed JSON" in line
+
+
+def test_deleted_checkpoints_are_said(model, data, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    resume = interrupted(model, data, run_dir)
+    shutil.rmtree(run_dir / "reward" / "checkpoints")
+    reporter = Notes(run_dir)
+    trainer.train(resume, reporter=reporter)
+    assert any(
+        "no checkpoint in" in n and "trains again from the start" in n
+        for n in reporter.notes
+    ), reporter.notes

@@ -16,12 +16,16 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from rsa_mlx.io.hf import check_safetensors
 from rsa_mlx.tuner import adapters
 from rsa_mlx.tuner.config import TrainConfig
 from rsa_mlx.tuner.data import SamplerState
-from rsa_mlx.util.errors import TrainingError
+from rsa_mlx.util.errors import InputError, TrainingError, quote
+from rsa_mlx.util.fingerprint import file_sha256
 
 CHECKPOINTS = "checkpoints"
+STATE_FILE = "state.json"
+TENSOR_FILES = (adapters.ADAPTER_FILE, "optimizer.safetensors")
 
 
 def config_hash(cfg: TrainConfig, stage: str) -> str:
@@ -79,11 +83,11 @@ def save_checkpoint(stage_dir, model, optimizer, progress, lora, extra, digest, 
     mx.save_safetensors(
         str(tmp / adapters.ADAPTER_FILE), adapters.adapter_weights(model)
     )
-    mx.save_safetensors(
-        str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state))
-    )
-    with open(tmp / "state.json", "w") as f:
-        json.dump({**progress.to_dict(), "config_hash": digest}, f, indent=2)
+    mx.save_safetensors(str(tmp / TENSOR_FILES[1]), dict(tree_flatten(optimizer.state)))
+    files = {name: file_sha256(tmp / name) for name in TENSOR_FILES}
+    with open(tmp / STATE_FILE, "w") as f:
+        state = {**progress.to_dict(), "config_hash": digest, "files": files}
+        json.dump(state, f, indent=2)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     adapters.save_adapter(stage_dir, model, lora, extra)
@@ -92,13 +96,62 @@ def save_checkpoint(stage_dir, model, optimizer, progress, lora, extra, digest, 
     return final
 
 
+def checkpoints(stage_dir: Path) -> list[Path]:
+    """The stage's checkpoints, newest first."""
+    return sorted((Path(stage_dir) / CHECKPOINTS).glob("step_*"), reverse=True)
+
+
 def latest_checkpoint(stage_dir: Path) -> Path | None:
-    found = sorted((stage_dir / CHECKPOINTS).glob("step_*"))
-    return found[-1] if found else None
+    found = checkpoints(stage_dir)
+    return found[0] if found else None
+
+
+def damage(path: Path) -> tuple[Path, str] | None:
+    """``(file, what is wrong)`` for a damaged checkpoint, None for an intact
+    one: ``state.json`` must be whole, and each tensor file's bytes those
+    it recorded (older checkpoints: a whole safetensors header and size)."""
+    try:
+        with open(path / STATE_FILE) as f:
+            state = json.load(f)
+        Progress.from_dict(state)
+    except FileNotFoundError:
+        return path / STATE_FILE, "missing"
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        return path / STATE_FILE, f"damaged: {type(e).__name__} {e}"
+    files = state.get("files") or {}
+    for name in TENSOR_FILES:
+        try:
+            if name in files and file_sha256(path / name) != files[name]:
+                return path / name, "damaged: its bytes are not those saved"
+            check_safetensors(path / name)
+        except (InputError, OSError) as e:
+            return path / name, str(e).removeprefix(f"{quote(path / name)}: ")
+    return None
+
+
+def intact_checkpoint(stage_dir: Path, stage: str, note) -> Path | None:
+    """The stage's newest intact checkpoint (None if it has none); each
+    damaged one passed over is said with ``note``, and when none is intact
+    the error names the newest damaged file."""
+    found = checkpoints(stage_dir)
+    for i, path in enumerate(found):
+        if (problem := damage(path)) is None:
+            return path
+        file, why = problem
+        if i + 1 == len(found):
+            raise InputError(
+                f"{quote(file)}: {why}; no older checkpoint of the {stage} stage "
+                f"is intact. Remove {quote(Path(stage_dir) / CHECKPOINTS)} to "
+                "train the stage again from the start"
+            )
+        note(f"[{stage}] {file}: {why}; resuming from the older {found[i + 1].name}")
+    return None
 
 
 def load_checkpoint(path, model, optimizer, digest) -> Progress:
-    with open(path / "state.json") as f:
+    """Load an intact checkpoint (see :func:`damage`) into ``model`` and
+    ``optimizer``; refuse one made with other settings."""
+    with open(path / STATE_FILE) as f:
         state = json.load(f)
     if state.get("config_hash") != digest:
         raise TrainingError(
@@ -107,7 +160,7 @@ def load_checkpoint(path, model, optimizer, digest) -> Progress:
         )
     model.load_weights(str(path / adapters.ADAPTER_FILE), strict=False)
     optimizer.init(model.trainable_parameters())
-    loaded = mx.load(str(path / "optimizer.safetensors"))
+    loaded = mx.load(str(path / TENSOR_FILES[1]))
     optimizer.state = tree_unflatten(list(loaded.items()))
     mx.eval(model.parameters(), optimizer.state)
     return Progress.from_dict(state)

@@ -26,9 +26,10 @@ from rsa_mlx.ops.risk import resolve_mu
 from rsa_mlx.tuner import adapters
 from rsa_mlx.tuner import distributed as dist
 from rsa_mlx.tuner.checkpoint import (
+    CHECKPOINTS,
     Progress,
     config_hash,
-    latest_checkpoint,
+    intact_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
@@ -200,16 +201,22 @@ def train_mode(model: nn.Module, frozen: Iterable[nn.Module]) -> None:
 def restore(
     cfg: TrainConfig, spec: StageSpec, model, optimizer, reporter: Reporter
 ) -> Progress:
-    """The progress to start from: the last checkpoint's on ``resume``
-    (its tensors loaded into ``model`` and ``optimizer``), else zero."""
+    """The progress to start from: on ``resume`` the newest intact
+    checkpoint's (its tensors loaded into ``model`` and ``optimizer``; a
+    damaged newer one is passed over with a note), else zero."""
     progress = Progress(seed=spec.seed, world_size=dist.world_size())
     if not cfg.resume:
         return progress
-    if (found := latest_checkpoint(spec.dir)) is not None:
+    if (found := intact_checkpoint(spec.dir, spec.name, reporter.note)) is not None:
         progress = load_checkpoint(found, model, optimizer, spec.digest)
         dist.check_world_size(found, progress.world_size)
         reporter.note(
             f"[{spec.name}] resumed from {found} (iteration {progress.iteration})"
+        )
+    elif spec.dir.exists():  # begun before, its checkpoints gone
+        reporter.note(
+            f"[{spec.name}] no checkpoint in {spec.dir / CHECKPOINTS} to resume "
+            "from: this stage trains again from the start"
         )
     reporter.rewind(spec.name, progress.iteration)
     return progress

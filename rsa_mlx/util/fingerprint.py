@@ -17,7 +17,7 @@ import os
 import struct
 from pathlib import Path
 
-__all__ = ["digest", "local_path"]
+__all__ = ["digest", "file_sha256", "local_path"]
 
 CHUNK = 1 << 20
 SKIPPED = (".bin", ".pth", ".pt", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx")
@@ -36,9 +36,20 @@ def _file(h, path: Path) -> None:
     if path.suffix == ".safetensors":
         _safetensors_header(h, path)
         return
+    _stream(h, path)
+
+
+def _stream(h, path: Path) -> None:
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of every byte of one file (weights included), streamed."""
+    h = hashlib.sha256()
+    _stream(h, Path(path))
+    return h.hexdigest()
 
 
 def _safetensors_header(h, path: Path) -> None:
