@@ -153,3 +153,67 @@ def test_deleted_checkpoints_are_said(model, data, tmp_path):
         "no checkpoint in" in n and "trains again from the start" in n
         for n in reporter.notes
     ), reporter.notes
+
+
+# ------------------------------------------------- two processes, one run
+
+HOLD = """
+import sys
+from rsa_mlx.util.lock import folder_lock
+with folder_lock(sys.argv[1], "training run", "wait") as stale:
+    print("locked", stale, flush=True)
+    sys.stdin.readline()
+"""
+
+
+def hold(folder):
+    """Another process holding ``folder``'s lock (bounded: it waits on its
+    stdin, and the test kills it)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(folder)], env=env, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    line = proc.stdout.readline()
+    assert line.startswith("locked"), (line, proc.poll())
+    return proc, line
+
+
+def test_a_run_folder_is_one_process_at_a_time(model, data, tmp_path, capsys):
+    """Item 1: a training run holds its folder; a second process is refused
+    in one line; a lock left by a killed process is stale and taken over."""
+    import os
+    import signal
+
+    from rsa_mlx.util.lock import Busy, check_free
+
+    run_dir = tmp_path / "run"
+    interrupted(model, data, run_dir, at=3)
+    holder, _ = hold(run_dir)
+    try:
+        line = one_line(align_resume(run_dir))
+        assert f"in use by another training run (process {holder.pid})" in line
+        holder.kill()
+        holder.wait(timeout=60)
+    finally:
+        holder.kill()
+    assert -holder.returncode == signal.SIGKILL
+
+    class Probe(Notes):  # while it trains, the folder is held
+        def tick(self, stage, it, iters, seconds):
+            with pytest.raises(Busy, match=f"process {os.getpid()}"):
+                check_free(run_dir, "training run", "wait")
+
+    capsys.readouterr()
+    resume = cfg_for(model, data, run_dir, resume=True)
+    assert trainer.train(resume, reporter=Probe(run_dir))["final"] == "final"
+    # the killed holder's lock was stale: taken over, and said
+    assert f"left locked by process {holder.pid}" in capsys.readouterr().out
+    check_free(run_dir, "training run", "wait")  # released at the end
+    again, line = hold(run_dir)  # and released cleanly: nothing stale
+    again.communicate("\n", timeout=60)
+    assert line.split() == ["locked", "None"]

@@ -314,3 +314,98 @@ def test_digests_stream_files_and_read_only_weight_headers(tmp_path):
     assert digest(folder / "config.json") != digest(
         tmp_path / "m" / "model.safetensors"
     )
+
+
+# ------------------------------------------------- two processes, one folder
+
+BLOCKING_SCORER = """
+import os, pathlib, time
+
+def score(record, response):
+    pathlib.Path(os.environ["SWEEP_READY"]).touch()
+    go = pathlib.Path(os.environ["SWEEP_GO"])
+    deadline = time.monotonic() + 120
+    while not go.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {"reward": 1.0, "cost": 0.0}
+"""
+
+
+def wait_for(path, proc, seconds=180):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_two_sweeps_on_one_folder_and_a_stale_lock(tiny, tmp_path):
+    """Item 1: the second process is refused in one line while the first
+    holds the folder; a lock left by a killed process is taken over."""
+    import os
+    import signal
+    import subprocess
+
+    (tmp_path / "blocking_scorer.py").write_text(BLOCKING_SCORER)
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    env = {**os.environ, "SWEEP_READY": str(ready), "SWEEP_GO": str(go),
+           "PYTHONPATH": f"{os.getcwd()}{os.pathsep}{tmp_path}"}  # fmt: skip
+
+    def command(out):
+        args = sweep_args(tiny, out, "mixed.jsonl")
+        args[args.index("refusal")] = "blocking_scorer:score"
+        return [sys.executable, "-m", "rsa_mlx.cli", "sweep", *args]
+
+    def start(out):
+        return subprocess.Popen(command(out), env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+    out = tmp_path / "s"
+    first = start(out)
+    try:
+        wait_for(ready, first)  # it holds the folder, evaluating the base model
+        second = subprocess.run(command(out), env=env, capture_output=True,
+                                text=True, timeout=180)  # fmt: skip
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(lines) == 1, second.stderr
+        assert f"in use by another sweep (process {first.pid})" in lines[0]
+        go.touch()
+        _, stderr = first.communicate(timeout=300)
+        assert first.returncode == 0, stderr[-2000:]
+    finally:
+        first.kill()
+    assert not list((out / "runs").glob("*.partial"))
+    # killed while it holds the folder: its lock is stale, the next one works
+    go.unlink()
+    ready.unlink()
+    out = tmp_path / "killed"
+    killed = start(out)
+    try:
+        wait_for(ready, killed)
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait(timeout=60)
+    finally:
+        killed.kill()
+    go.touch()
+    again = subprocess.run(command(out), env=env, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"left locked by process {killed.pid}" in again.stdout + again.stderr
+    assert len([r for r in sweep.Sweep(out).rows() if r["kind"] == "cell"]) == 1
+
+
+def test_a_sweep_folder_held_by_another_process_is_refused(tiny, tmp_path):
+    from tests.test_resume_faults import hold
+
+    out = tmp_path / "s"
+    holder, _ = hold(out)
+    try:
+        line = one_line(sweep_cli(*sweep_args(tiny, out, "mixed.jsonl")))
+        assert f"in use by another sweep (process {holder.pid})" in line
+        assert not (out / "sweep.json").exists()
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)

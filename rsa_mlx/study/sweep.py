@@ -52,6 +52,7 @@ from rsa_mlx.util import progress
 from rsa_mlx.util.atomic import dumps, save_json, save_text
 from rsa_mlx.util.errors import ConfigError, quote
 from rsa_mlx.util.fingerprint import local_path
+from rsa_mlx.util.lock import folder_lock
 
 __all__ = ["RESULTS", "SPEC_FILE", "Sweep", "SweepInterrupted", "run_sweep"]
 
@@ -175,15 +176,28 @@ def run_sweep(
     called for the base model, each shared stage 1 and every cell.
     ``description`` (JSON) says what the evaluator is; a folder started with
     another base, evaluator or description is refused, so results in one
-    table are comparable. The grid may grow between runs.
+    table are comparable. The grid may grow between runs; the content of its
+    inputs (model, data, the evaluator's files) may not. One process at a
+    time: a second one on the same folder is refused at once.
     """
-    train_fn = train_fn or train
     cells = expand(base, grid)
     sweep = Sweep(Path(path))
     spec = sweep_spec(base, grid, description or {}, cells)
-    spec["inputs"] = {**_check_spec(sweep, spec), **spec["inputs"]}
-    sweep.path.mkdir(parents=True, exist_ok=True)
-    save_json(sweep.path / SPEC_FILE, spec)
+    hint = "wait for it to end, or choose another --sweep-path"
+    with folder_lock(sweep.path, "sweep", hint) as stale:
+        if stale is not None:
+            progress.echo(
+                f"sweep: {sweep.path} was left locked by process {stale}, which "
+                "ended without releasing it (killed?); continuing its work"
+            )
+        spec["inputs"] = {**_check_spec(sweep, spec), **spec["inputs"]}
+        save_json(sweep.path / SPEC_FILE, spec)
+        _run_cells(sweep, cells, evaluator, train_fn or train)
+    return list(sweep.rows())
+
+
+def _run_cells(sweep: Sweep, cells: list[Cell], evaluator, train_fn) -> None:
+    """Evaluate the base model, then train and evaluate each cell not done."""
     done = {r["id"] for r in sweep.rows()}
     todo = [c for c in cells if c.id not in done]
     echo = progress.echo
@@ -215,7 +229,6 @@ def run_sweep(
                 evaluate(stage1_row(cell), sweep.stage1_dir(cell))
             evaluate(cell_row(cell, run_dir), run_dir, cell.config.merge)
             bar.advance()
-    return list(sweep.rows())
 
 
 def checked_metrics(metrics: dict, label: str) -> dict:

@@ -31,8 +31,10 @@ from rsa_mlx.tuner.runs import (
     write_config,
 )
 from rsa_mlx.tuner.stage import StageData, prepare_data, train_stage
+from rsa_mlx.util import progress
 from rsa_mlx.util.atomic import save_json
 from rsa_mlx.util.errors import ConfigError, TrainingError, quote
+from rsa_mlx.util.lock import check_free, folder_lock
 
 __all__ = ["Interrupted", "Reporter", "TrainingError", "train"]
 
@@ -173,18 +175,32 @@ def save_final(
         )
 
 
+def run_lock(run_dir: Path):
+    """The run folder's lock (rank 0 holds it for the group): a second
+    process training in the same folder is refused at once."""
+    if not dist.is_main():
+        return contextlib.nullcontext()
+    return folder_lock(run_dir, "training run", LOCK_HINT)
+
+
+LOCK_HINT = "wait for it to end, or choose another --adapter-path"
+
+
 def train(
     cfg: TrainConfig, reporter: Reporter | None = None, model=None, tokenizer=None
 ) -> dict:
     """Run the configured stages end to end; return the run summary.
 
     ``model``/``tokenizer`` may be passed in (already loaded from
-    ``cfg.model``); otherwise they are loaded with ``mlx_lm.load``.
+    ``cfg.model``); otherwise they are loaded with ``mlx_lm.load``. The run
+    folder is locked while it trains (:mod:`rsa_mlx.util.lock`).
     """
     cfg = cfg.with_resolved_paths()
     _check_batch_size(cfg)
     run_dir = Path(cfg.adapter_path) if cfg.adapter_path else default_run_dir(cfg)
     # Check everything before the run folder is touched.
+    if dist.is_main():
+        check_free(run_dir, "training run", LOCK_HINT)
     inputs = digest_inputs(input_paths(cfg))  # content hashes, to resume by
     previous = _check_run_dir(cfg, run_dir, inputs)
     if model is None:
@@ -193,6 +209,23 @@ def train(
     datasets = {
         s: prepare_data(cfg, s, tokenizer) for s in cfg.stage_names if s not in previous
     }
+    with run_lock(run_dir) as stale:
+        if stale is not None:
+            progress.echo(
+                f"{run_dir} was left locked by process {stale}, which ended "
+                "without releasing it (killed?); taking it over"
+            )
+        # checked again under the lock: another process may have been quicker
+        if _check_run_dir(cfg, run_dir, inputs) != previous:
+            raise TrainingError(
+                f"{quote(run_dir)}: another process trained here while this one "
+                "was loading; run the command again"
+            )
+        return _train_in(cfg, run_dir, reporter, model, previous, datasets, inputs)
+
+
+def _train_in(cfg, run_dir, reporter, model, previous, datasets, inputs) -> dict:
+    """:func:`train` once everything is checked and the folder locked."""
     reporter = open_run(cfg, run_dir, reporter)
     run = {"model": cfg.model, "method": cfg.method_name(), "merge": cfg.merge}
     run.update(inputs=inputs, world_size=dist.world_size(), stages=[])
