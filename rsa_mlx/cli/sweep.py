@@ -93,7 +93,10 @@ def check_metrics(evaluator, harms: list[str]) -> None:
         )
 
 
-@click.command(epilog="Exit status 2 on bad input; started again, a sweep continues.")
+@click.command(
+    epilog="Exit status 2 on bad input (a second sweep on the folder, changed "
+    "inputs too); started again, a sweep continues."
+)
 @click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False),
               help="A sweep YAML file (settings, grid:, evaluate:).")  # fmt: skip
 @click.option("--model", help="Base model: local folder or Hugging Face id.")

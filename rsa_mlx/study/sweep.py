@@ -19,7 +19,10 @@ once:
 Every cell is evaluated by the same evaluator on the same prompts and
 appended to ``results.jsonl`` (and ``results.csv``) with its full settings.
 Started again on the same folder, a sweep skips the evaluated cells and
-resumes an interrupted training from its checkpoint. The base model and each
+resumes an interrupted training from its checkpoint; ``sweep.json`` holds
+the content hashes of its inputs, so a changed data, prompt or model file is
+refused by name, and one process at a time holds the folder
+(:mod:`rsa_mlx.util.lock`). The base model and each
 shared stage 1 are evaluated too (rows of kind ``base`` and ``stage1``).
 """
 
