@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import struct
@@ -251,7 +252,7 @@ def staged_folder(path: str | Path, flag: str) -> Iterator[Path]:
     nothing half-written; an existing ``path`` is never touched.
     """
     path = Path(path)
-    if path.exists():
+    if os.path.lexists(path):  # a dangling link too
         raise InputError(
             f"{quote(path)}: already exists; remove it or choose another {flag}"
         )
