@@ -122,6 +122,29 @@ def gguf_name(name: str) -> str:
     }[name]
 
 
+def tiny_gguf(path: Path, tensors: dict | None = None, **overrides) -> Path:
+    """A two-tensor GGUF with llama metadata (not a whole model)."""
+    meta = {
+        "general.architecture": "llama",
+        "llama.block_count": 1,
+        "llama.context_length": 64,
+        "llama.embedding_length": 32,
+        "llama.feed_forward_length": 64,
+        "llama.attention.head_count": 4,
+        "llama.attention.layer_norm_rms_epsilon": 1e-5,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.tokens": ["a", "b", "ab"],
+        "tokenizer.ggml.merges": ["a b"],
+    }
+    meta.update(overrides)
+    base = {
+        "token_embd.weight": (F32, np.ones((3, 32), np.float32)),
+        "output_norm.weight": (F32, np.ones(32, np.float32)),
+    }
+    return write_gguf(path, {**base, **(tensors or {})}, meta)
+
+
 # --- tiny HF models -------------------------------------------------------------
 
 
@@ -167,11 +190,12 @@ def write_tokenizer(folder: Path, pre: str) -> int:
 def write_hf(
     folder: Path, arch: str, tied: bool, seed: int = 0, hidden: int = 64, **extra
 ) -> Path:
-    """A random llama/qwen2 model with a trained byte-level BPE tokenizer."""
+    """A random llama/mistral/qwen2 model with a trained byte-level BPE tokenizer."""
     torch, transformers = torch_or_skip()
-    vocab = write_tokenizer(folder, "smollm" if arch == "llama" else "qwen2")
+    vocab = write_tokenizer(folder, "qwen2" if arch == "qwen2" else "smollm")
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     }[arch]
     config = hf_config(arch, vocab, hidden=hidden, tied=tied)
