@@ -191,6 +191,10 @@ def test_unsupported_architecture_and_tokenizer(aligned, tmp_path):
     (other / "config.json").write_text(json.dumps({**config, "model_type": "phi3"}))
     out = one_line_error("export", "--model", other, "--gguf", tmp_path / "p.gguf")
     assert "cannot export model_type 'phi3' to GGUF" in out
+    config.pop("rms_norm_eps")
+    (other / "config.json").write_text(json.dumps(config))
+    out = one_line_error("export", "--model", other, "--gguf", tmp_path / "p.gguf")
+    assert "no rms_norm_eps (GGUF's metadata needs them)" in out
     nomerge = tmp_path / "nomerge"
     shutil.copytree(root / "mlx", nomerge)
     spec = json.loads((nomerge / "tokenizer.json").read_text())

@@ -47,6 +47,10 @@ GGUF_TYPES = {
     "q8_0": (T.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 F16_MAX = float(np.finfo(np.float16).max)
+REQUIRED = (
+    "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+    "rms_norm_eps", "max_position_embeddings", "vocab_size",
+)  # fmt: skip
 
 
 def export_gguf(
@@ -105,6 +109,12 @@ def rope_parameters(config: dict) -> tuple[float, dict]:
 
 def add_model_keys(w, config: dict, base: Path, gguf_type: str, run: dict):
     """The architecture keys; returns Llama-3 RoPE factors to write, or None."""
+    missing = [k for k in REQUIRED if k not in config]
+    if missing:
+        raise InputError(
+            f"{quote(Path(base) / 'config.json')}: no {', '.join(missing)} "
+            "(GGUF's metadata needs them)"
+        )
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
     w.add_name(f"{Path(str(run['model'])).name} (rsa-mlx)")
