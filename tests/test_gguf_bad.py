@@ -35,6 +35,13 @@ def test_unsupported_architecture(tmp_path):
     refused(path, tmp_path, "architecture 'gemma3' is not supported")
 
 
+def test_impossible_sizes(tmp_path):
+    path = tiny_gguf(tmp_path / "g.gguf", **{"llama.attention.head_count": 0})
+    refused(path, tmp_path, "metadata key llama.attention.head_count is 0")
+    path = tiny_gguf(tmp_path / "h.gguf", **{"llama.block_count": "two"})
+    refused(path, tmp_path, "metadata key llama.block_count is 'two'")
+
+
 @pytest.mark.parametrize(("kind", "name"), [(16, "IQ2_XXS"), (20, "IQ4_NL")])
 def test_iq_quants_are_refused_by_name(tmp_path, kind, name):
     size = {16: 66, 20: 18}[kind]  # one 256-block / eight 32-blocks of bytes

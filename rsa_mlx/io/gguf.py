@@ -107,10 +107,12 @@ def hf_config(header: Header, dtype: str) -> dict:
     arch = meta["general.architecture"]
     model_type, cls, _ = ARCHITECTURES[arch]
 
-    def need(key):
+    def need(key, kind=int):
         value = meta.get(f"{arch}.{key}")
         if value is None:
             raise InputError(f"{quote(path)}: metadata key {arch}.{key} is missing")
+        if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
+            raise InputError(f"{quote(path)}: metadata key {arch}.{key} is {value!r}")
         return value
 
     hidden, heads = need("embedding_length"), need("attention.head_count")
@@ -122,7 +124,7 @@ def hf_config(header: Header, dtype: str) -> dict:
         "num_hidden_layers": need("block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": meta.get(f"{arch}.attention.head_count_kv", heads),
-        "rms_norm_eps": need("attention.layer_norm_rms_epsilon"),
+        "rms_norm_eps": need("attention.layer_norm_rms_epsilon", float),
         "rope_theta": meta.get(f"{arch}.rope.freq_base", 10000.0),
         "max_position_embeddings": need("context_length"),
         "vocab_size": header.tensors["token_embd.weight"].shape[0],
