@@ -72,7 +72,8 @@ def _fast_exp_note() -> str:
     "hf_path",
     required=True,
     help="Local HF model folder, Hugging Face id (offline: from the cache), "
-    "or a .gguf file (llama, mistral, qwen2; F32/F16/BF16/Q4_0/Q4_1/Q8_0).",
+    "or a .gguf file (llama, mistral, qwen2; F32/F16/BF16, Q4_0..Q8_0, "
+    "k-quants Q2_K..Q6_K).",
 )
 @click.option(
     "--mlx-path",
@@ -123,36 +124,60 @@ def convert(hf_path, mlx_path, quantize, q_bits, q_group_size, q_mode, dtype, **
 @model_options
 @click.option(
     "--save-path",
-    required=True,
     type=click.Path(file_okay=False),
     help="Output folder (must not exist).",
 )
 @click.option(
     "--peft", is_flag=True, help="Write the adapters alone, in PEFT's layout."
 )
-def export(model, adapter_path, merge, save_path, peft):
-    """Export to Hugging Face: a fused model folder, or a PEFT adapter.
+@click.option(
+    "--gguf",
+    "gguf_path",
+    type=click.Path(dir_okay=False),
+    help="Write one GGUF file for llama.cpp / Ollama instead (must not exist).",
+)
+@click.option(
+    "--gguf-type",
+    type=click.Choice(["f16", "q8_0"]),
+    default="f16",
+    show_default=True,
+    help="Type of the GGUF file's matrices (norms stay F32).",
+)
+def export(model, adapter_path, merge, save_path, peft, gguf_path, gguf_type):
+    """Export to Hugging Face (a fused folder or a PEFT adapter) or to GGUF.
 
     The merged folder holds de-quantised safetensors (format pt), the config
     without quantisation keys, the tokenizer and a model card; transformers
     loads it. With --peft, adapter_model.safetensors + adapter_config.json
-    for `peft.PeftModel.from_pretrained(base, path)`.
+    for `peft.PeftModel.from_pretrained(base, path)`. With --gguf, one file
+    with the fused model, its tokenizer and chat template, for llama.cpp and
+    Ollama (llama, mistral and qwen2 models).
 
     \b
     Examples:
       rsa-mlx export --adapter-path runs/x --save-path aligned-hf
       rsa-mlx export --adapter-path runs/x --merge 0.5 --save-path q05-hf
       rsa-mlx export --adapter-path runs/x --peft --save-path aligned-peft
+      rsa-mlx export --adapter-path runs/x --gguf aligned.gguf --gguf-type q8_0
       rsa-mlx export --model qwen-mlx --save-path qwen-hf   # no adapters
     """
-    # the heavy layers, here so that `rsa-mlx --help` starts fast
-    from rsa_mlx.export.hf import export_model, export_peft
-    from rsa_mlx.tuner.runs import check_merge
+    if (save_path is None) == (gguf_path is None):
+        raise click.UsageError("give one of --save-path and --gguf")
+    if peft and gguf_path is not None:
+        raise click.UsageError("--peft writes a folder: use --save-path")
 
     def run():
+        # the heavy layers, here so that `rsa-mlx --help` starts fast
+        from rsa_mlx.export.gguf import export_gguf
+        from rsa_mlx.export.hf import export_model, export_peft
+        from rsa_mlx.tuner.runs import check_merge
+
         check_merge(merge)
-        write = export_peft if peft else export_model
-        out = write(save_path, model=model, adapter_path=adapter_path, merge=merge)
+        if gguf_path is not None:
+            out = export_gguf(gguf_path, model, adapter_path, merge, gguf_type)
+        else:
+            write = export_peft if peft else export_model
+            out = write(save_path, model=model, adapter_path=adapter_path, merge=merge)
         click.echo(f"wrote {out}")
 
     guard(run)

@@ -1,3 +1,3 @@
-"""A trained run out to other runtimes: fused Hugging Face folders and
-PEFT adapters.
+"""A trained run out to other runtimes: fused Hugging Face folders, PEFT
+adapters and GGUF files (llama.cpp, Ollama).
 """

@@ -41,7 +41,7 @@ from rsa_mlx.util.errors import InputError
 _QUANT_KEYS = ("quantization", "quantization_config")
 
 
-def _sources(model, adapter_path, merge) -> tuple[Path, dict, dict]:
+def sources(model, adapter_path, merge) -> tuple[Path, dict, dict]:
     """The local base folder, its config, and what is known of the run.
 
     The run info gets ``merge``: the ratio :func:`rsa_mlx.tuner.model.load` applies.
@@ -196,7 +196,7 @@ def export_model(
 ) -> Path:
     """Write base model + adapters (+ merge q) as a Hugging Face folder."""
     with hf.staged_folder(save_path, "--save-path") as out:
-        base, config, run = _sources(model, adapter_path, merge)
+        base, config, run = sources(model, adapter_path, merge)
         net, tokenizer = load(str(base), adapter_path, merge)
         out.mkdir()
         _save_weights(out, hf_weights(net, config))
@@ -240,7 +240,7 @@ def export_peft(
     if adapter_path is None:
         raise InputError("--peft exports adapters: give --adapter-path")
     with hf.staged_folder(save_path, "--save-path") as out:
-        base, _, run = _sources(model, adapter_path, merge)
+        base, _, run = sources(model, adapter_path, merge)
         net, _ = load(str(base), adapter_path, merge)
         tensors, rank, modules = peft_tensors(net)
         peft_config = {
