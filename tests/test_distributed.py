@@ -20,10 +20,10 @@ import pytest
 from rsa_mlx.cli import launch
 from rsa_mlx.tuner import distributed as dist
 from rsa_mlx.tuner.data import BatchSampler, Encoded
+from tests.hang import HANG_S
 from tests.tiny import pku_rows, write_jsonl, write_model
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMEOUT = 180
 # 9 pairs in batches of 4: each epoch has a last batch of 1 pair, which
 # leaves rank 1 an empty shard; 4 iterations cross into the second epoch.
 SETTINGS = [
@@ -153,7 +153,7 @@ def run(command: list[str], cwd, **extra) -> subprocess.CompletedProcess:
         text=True,
         cwd=cwd,
         env=env(**extra),
-        timeout=TIMEOUT,
+        timeout=HANG_S,
     )
 
 
