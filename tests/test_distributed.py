@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import mlx.core as mx
@@ -132,10 +133,24 @@ def tiny(tmp_path_factory):
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> int:
+    """A port p with p .. p + n - 1 all free on 127.0.0.1 now: the ring
+    backend listens on one port per rank from ``-p p`` on, and other programs
+    on a shared host hold ports too (checking p alone let p + 1 be taken)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + n - 1 > 65535:
+            continue
+        with ExitStack() as held:
+            try:
+                for p in range(port, port + n):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", p))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no {n} consecutive free ports on 127.0.0.1")
 
 
 def env(**extra) -> dict:
@@ -160,7 +175,7 @@ def run(command: list[str], cwd, **extra) -> subprocess.CompletedProcess:
 
 def launched(n: int, command: list[str], cwd, **extra):
     """``python -m rsa_mlx.launch -n n --backend ring -- command`` on 127.0.0.1."""
-    port = str(free_port())
+    port = str(free_ports(n))
     launcher = [sys.executable, "-m", "rsa_mlx.launch", "-n", str(n)]
     launcher += ["--backend", "ring", "-p", port, "--"]
     return run([*launcher, *command], cwd, **extra)
