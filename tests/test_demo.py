@@ -17,6 +17,7 @@ from rsa_mlx.demo.settings import BASE_MODEL
 from rsa_mlx.eval.prompts import PromptRecord, prompt_ids
 from rsa_mlx.eval.sampling import sequence_logprobs
 from rsa_mlx.study.methods import METHODS
+from tests.hang import HANG_S
 
 
 def test_bundled_base_model_is_an_mlx_lm_folder_with_the_base_behaviour():
@@ -78,7 +79,7 @@ def test_quick_demo_end_to_end(tmp_path):
         capture_output=True,
         text=True,
         env=env,
-        timeout=600,
+        timeout=HANG_S,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("report.md", "results.json", "plot.svg"):

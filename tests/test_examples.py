@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.hang import HANG_S
 from tests.hf_tiny import torch_or_skip, write_hf_model
 from tests.tiny import pku_rows, write_jsonl
 
@@ -22,7 +23,7 @@ def run(command, env, cwd):
         text=True,
         cwd=cwd,
         env={**os.environ, **env},
-        timeout=900,
+        timeout=HANG_S,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from rsa_mlx.cli import main
 from rsa_mlx.io import hf
 from rsa_mlx.tuner.model import load
+from tests.hang import HANG_S
 from tests.hf_tiny import (
     ARCHS,
     peft_or_skip,
@@ -198,7 +199,7 @@ def rsa_mlx_command(*args, stdin=None):
         capture_output=True,
         text=True,
         input=stdin,
-        timeout=600,
+        timeout=HANG_S,
     )
 
 

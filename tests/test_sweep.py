@@ -15,6 +15,7 @@ from rsa_mlx.study import analysis, stats, sweep
 from rsa_mlx.study import grid as grids
 from rsa_mlx.tuner import config, trainer
 from rsa_mlx.util.errors import ConfigError
+from tests.hang import HANG_S
 from tests.tiny import pku_rows, write_jsonl, write_model
 
 # ------------------------------------------------------------------ stats
@@ -577,7 +578,9 @@ def test_study_quick_end_to_end_on_a_reduced_grid(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     command = [sys.executable, "-m", "rsa_mlx.train", "--study", "--quick",
                "--iters", "4", "--adapter-path", str(out)]  # fmt: skip
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=HANG_S
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = sweep.Sweep(out).rows()
     cells = [r for r in rows if r["kind"] == "cell"]
@@ -592,7 +595,9 @@ def test_study_quick_end_to_end_on_a_reduced_grid(tmp_path):
     assert "P(catastrophic) of the base model 0.0559" in report
     assert "rsa-cvar vs sacpo" in proc.stdout and "wall time" in proc.stdout
     # started again: everything is done, only the report is rewritten
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=HANG_S
+    )
     assert proc.returncode == 0 and "12 already done" in proc.stdout
     # the wall time of each session is kept: the first one is not overwritten
     assert len((out / "wall_time.txt").read_text().splitlines()) == 2

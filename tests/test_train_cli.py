@@ -17,6 +17,7 @@ from mlx_lm.utils import load as mlx_load
 from rsa_mlx.cli import main as cli_main
 from rsa_mlx.cli.align import main as train_main
 from rsa_mlx.tuner import adapters, config
+from tests.hang import HANG_S
 from tests.tiny import pku_rows, preference_rows, write_jsonl, write_model
 
 
@@ -38,7 +39,7 @@ def run_module(*args, cwd=None):
         text=True,
         cwd=cwd,
         env=env,
-        timeout=600,
+        timeout=HANG_S,
     )
 
 

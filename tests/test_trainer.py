@@ -295,12 +295,44 @@ def test_interrupted_and_resumed_run_reproduces_losses(tiny, tmp_path, stage, at
         assert all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
 
 
+def caller_handler(signum, frame):
+    """Stands for whatever handler the caller had before training."""
+
+
+@pytest.fixture
+def own_handlers():
+    """This test's own SIGINT and SIGTERM handlers, restored afterwards: what
+    the process starts with is not the test's to assume (a terminal gives
+    Python's default_int_handler; a background job of a non-interactive shell,
+    as CI may run the suite, starts with SIGINT ignored)."""
+    saved = {sig: signal.getsignal(sig) for sig in loop.StopSignals.SIGNALS}
+    for sig in saved:
+        signal.signal(sig, caller_handler)
+    yield caller_handler
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize(
+    "before",
+    [caller_handler, signal.SIG_IGN, signal.SIG_DFL, signal.default_int_handler],
+    ids=["caller", "ignored", "default", "python"],
+)
+def test_stop_signals_restore_whatever_handlers_were_there(own_handlers, before):
+    for sig in loop.StopSignals.SIGNALS:
+        signal.signal(sig, before)
+    with loop.StopSignals() as stop:
+        for sig in loop.StopSignals.SIGNALS:
+            assert signal.getsignal(sig) == stop._handle
+    assert all(signal.getsignal(s) == before for s in loop.StopSignals.SIGNALS)
+
+
 @pytest.mark.parametrize(
     ("signum", "stage", "at"),
     [(signal.SIGINT, "reward", 3), (signal.SIGTERM, "safety", 5)],
 )
 def test_signal_saves_a_checkpoint_and_resume_loses_nothing(
-    tiny, tmp_path, signum, stage, at
+    tiny, tmp_path, signum, stage, at, own_handlers
 ):
     full = tmp_path / "full"
     trainer.train(cfg_for(tiny, full, save_every=0))
@@ -313,8 +345,9 @@ def test_signal_saves_a_checkpoint_and_resume_loses_nothing(
     assert stop.signum == signum and stop.iteration == at
     assert stop.checkpoint == cut / stage / "checkpoints" / f"step_{at:07d}"
     assert f"--adapter-path {cut} --resume" in str(stop)
-    # the handlers are restored once training returns
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # the caller's handlers are restored once training returns
+    for sig in loop.StopSignals.SIGNALS:
+        assert signal.getsignal(sig) is own_handlers, signal.Signals(sig).name
     trainer.train(
         config.resolve({"adapter_path": str(cut), "resume": True}, cut / "config.yaml")
     )
