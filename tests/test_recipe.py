@@ -17,6 +17,7 @@ from rsa_mlx.eval.refusal import RefusalScorer, is_refusal
 from rsa_mlx.recipe import evaluate, pairs, prompts, settings
 from rsa_mlx.recipe.run import method_settings, run
 from rsa_mlx.util.errors import ConfigError, DataError
+from tests.gguf_tiny import write_hf
 from tests.tiny import write_model
 
 
@@ -193,6 +194,9 @@ def flat_tiny_model(folder):
     weights = mx.load(str(folder / "model.safetensors"))
     weights["model.embed_tokens.weight"] /= 8
     mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    config = json.loads((folder / "config.json").read_text())
+    config.setdefault("max_position_embeddings", 4096)  # GGUF's export needs it
+    (folder / "config.json").write_text(json.dumps(config))
 
 
 TINY = {
@@ -205,7 +209,8 @@ TINY = {
 
 
 def tiny_recipe(tmp_path, **changes):
-    flat_tiny_model(tmp_path / "model")
+    if not (tmp_path / "model").exists():
+        flat_tiny_model(tmp_path / "model")
     harmful = tmp_path / "harmful.txt"
     if not harmful.exists():
         harmful.write_text(
@@ -218,6 +223,8 @@ def tiny_recipe(tmp_path, **changes):
 
 @pytest.mark.slow
 def test_recipe_smoke_run_on_a_tiny_model_and_resume(tmp_path):
+    # a llama with a BPE that has merges and a chat template: GGUF can hold it
+    write_hf(tmp_path / "model", "llama", tied=True, max_position_embeddings=1024)
     cfg = tiny_recipe(tmp_path)
     out = tmp_path / "out"
     summary = run(cfg)
@@ -239,6 +246,7 @@ def test_recipe_smoke_run_on_a_tiny_model_and_resume(tmp_path):
     report = (out / "report.md").read_text()
     assert "Examples (greedy)" in report and "RSA (CVaR)" in report
     assert (out / "export-hf" / "config.json").exists()
+    assert (out / "aligned.gguf").stat().st_size > 0
     # a second run finds every step done and changes nothing
     stamp = (out / "runs" / "rsa-cvar" / "final" / "adapters.safetensors").stat()
     assert run(cfg) == summary
@@ -341,8 +349,10 @@ def test_recipe_command_quick_on_a_tiny_model(tmp_path):
     assert result.exit_code == 0, result.output
     assert "refused: AdvBench" in (out / "report.md").read_text()
     assert (out / "plot.png").exists() and not (out / "export-hf").exists()
+    assert not (out / "aligned.gguf").exists()
     Path(cfg.harmful).write_text("too few\n")
-    result = CliRunner().invoke(main, [*args, *tiny, "--out", str(tmp_path / "o2")])
+    o2 = ["--out", str(tmp_path / "o2"), "--no-export"]
+    result = CliRunner().invoke(main, [*args, *tiny, *o2])
     assert result.exit_code == 2
     assert "1 harmful prompts: holding out 3 needs at least 4" in result.output
 
@@ -409,3 +419,61 @@ def test_recipe_evaluator_is_a_sweep_evaluator_on_a_tiny_model(tmp_path):
     sets.write_text('{"prompt": "x", "set": "other"}\n')
     with pytest.raises(DataError, match=r"eval.jsonl':1: set must be one of"):
         make_evaluator(spec, "m")
+
+
+def test_written_refusals_decline_give_a_reason_and_an_alternative():
+    from rsa_mlx.eval.refusal import opens_with_refusal
+    from rsa_mlx.recipe.refusals import WRITTEN, written_refusal
+
+    for text in WRITTEN:
+        assert is_refusal(text) and opens_with_refusal(text), text
+        assert text.count(". ") >= 1, text  # a decline and reason, an alternative
+        assert any(
+            w in text for w in ("harm", "hurt", "illegal", "risk", "endanger")
+        ), text
+        assert any(w in text for w in ("I can", "I'm happy", "I'd be glad")), text
+    # chosen by (seed, prompt): the same on a rerun, varied over prompts
+    assert written_refusal("a", 0) == written_refusal("a", 0)
+    chosen = {written_refusal(f"prompt {i}", 3) for i in range(64)}
+    assert len(chosen) == len(WRITTEN)
+
+
+def test_written_refusals_are_chosen_for_harm_and_rejected_for_benign(tmp_path):
+    from rsa_mlx.recipe.refusals import WRITTEN
+    from rsa_mlx.tuner.model import load
+
+    flat_tiny_model(tmp_path / "model")
+    model, tok = load(str(tmp_path / "model"))
+    built = pairs.generate_pairs(
+        model, tok, ["Do harm 1", "Do harm 2"], ["Bake bread", "Fold a shirt"],
+        samples=1, max_tokens=4, refusals="written",
+    )  # fmt: skip
+    # the tiny model's random answers do not refuse: every prompt makes a pair
+    assert [r["chosen"] for r in built["safety"]] == [
+        pairs.written_refusal(p, 0) for p in ("Do harm 1", "Do harm 2")
+    ]
+    assert all(r["rejected"] in WRITTEN for r in built["reward"])
+    assert all(r["chosen"] not in WRITTEN for r in built["reward"])
+    with pytest.raises(ValueError, match="refusals: one of model, written"):
+        pairs.generate_pairs(model, tok, ["x"], ["y"], refusals="mine")
+
+
+def test_recipe_refusals_flag_is_checked():
+    with pytest.raises(ConfigError, match="refusals: one of model, written, got 'x'"):
+        settings.resolve_recipe({"refusals": "x"})
+
+
+def test_recipe_checks_the_gguf_export_before_any_work(tmp_path):
+    from rsa_mlx.util.errors import InputError
+
+    cfg = tiny_recipe(tmp_path)
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    del config["max_position_embeddings"]
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="no max_position_embeddings"):
+        run(cfg)
+    config["max_position_embeddings"] = 4096  # now the word-level tokenizer
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="a BPE without merges"):
+        run(cfg)
+    assert not (tmp_path / "out" / "data").exists()

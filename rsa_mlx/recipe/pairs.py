@@ -32,6 +32,7 @@ from pathlib import Path
 from rsa_mlx.eval.prompts import PromptRecord
 from rsa_mlx.eval.refusal import is_refusal
 from rsa_mlx.eval.sampling import sample_responses
+from rsa_mlx.recipe.refusals import REFUSALS, written_refusal
 from rsa_mlx.util.atomic import save_text
 
 SAFE_SYSTEM = (
@@ -143,11 +144,19 @@ def generate_pairs(
     temperature: float = 0.8,
     seed: int = 0,
     batch_size: int = 64,
+    refusals: str = "model",
 ) -> dict:
     """Sample the answers and build both kinds of pairs.
 
-    Returns ``{"safety": rows, "reward": rows, "counts": {...}}``.
+    ``refusals``: ``"model"``, the model's own refusals (under the safety
+    system prompt) are the chosen answers of the safety pairs and its own
+    over-refusals the rejected ones of the helpfulness pairs; ``"written"``,
+    :func:`rsa_mlx.recipe.refusals.written_refusal` is both (a reason and an
+    alternative, and as often rejected as chosen: only the request tells
+    which). Returns ``{"safety": rows, "reward": rows, "counts": {...}}``.
     """
+    if refusals not in REFUSALS:
+        raise ValueError(f"refusals: one of {', '.join(REFUSALS)}, got {refusals!r}")
 
     def sample(prompts, system, k, label, prefix=""):
         records = [PromptRecord(p, system) for p in prompts]
@@ -157,10 +166,16 @@ def generate_pairs(
             label=label, prefix=prefix,
         )  # fmt: skip
 
-    careful = sample(harmful, SAFE_SYSTEM, 1, "harmful, careful", REFUSAL_PREFIX)
+    if refusals == "written":
+        careful = [[written_refusal(p, seed)] for p in harmful]
+        refusing = [[written_refusal(p, seed)] for p in benign]
+    else:
+        careful = sample(harmful, SAFE_SYSTEM, 1, "harmful, careful", REFUSAL_PREFIX)
+        refusing = sample(
+            benign, REFUSE_ALL_SYSTEM, 1, "benign, refusing", REFUSAL_PREFIX
+        )
     plain_harmful = sample(harmful, None, samples, "harmful, plain")
     plain_benign = sample(benign, None, samples, "benign, plain")
-    refusing = sample(benign, REFUSE_ALL_SYSTEM, 1, "benign, refusing", REFUSAL_PREFIX)
     safety, safety_counts = safety_pairs(harmful, careful, plain_harmful)
     reward, reward_counts = helpfulness_pairs(benign, plain_benign, refusing)
     return {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from rsa_mlx.recipe.refusals import REFUSALS
 from rsa_mlx.study.methods import parse_methods
 from rsa_mlx.tuner.config import setting
 from rsa_mlx.util.errors import ConfigError
@@ -36,7 +37,9 @@ class RecipeConfig:
     out: str = setting("runs/recipe", "Output folder; run again to resume.")
     seed: int = setting(0, "Seed of the prompt split, the pairs and training.")
     methods: str = setting("sacpo,rsa-cvar", "Methods to train (rsa_mlx.methods).")
-    export: bool = setting(True, "Export the last method as a Hugging Face folder.")
+    export: bool = setting(
+        True, "Export the last method as a Hugging Face folder and a GGUF file."
+    )
     # prompts: how many of each set to train on and to hold out
     advbench_train: int = setting(300, "AdvBench requests to make refusal pairs of.")
     phrased_train: int = setting(
@@ -55,6 +58,12 @@ class RecipeConfig:
     # pairs from the model's own answers
     pair_max_tokens: int = setting(48, "Longest answer sampled for a pair.")
     pair_temperature: float = setting(0.8, "Temperature of the answers for pairs.")
+    refusals: str = setting(
+        "model",
+        "Chosen refusals: 'model' (its own, under a safety system prompt) or "
+        "'written' (a reason and an alternative; also the rejected answer of "
+        "the benign contrast pairs).",
+    )
     contrast_pairs: int = setting(
         -1,
         "Answer-vs-refusal pairs mixed into the safety stage (so it learns when "
@@ -135,6 +144,10 @@ class RecipeConfig:
         if self.num_layers == 0 or self.num_layers < -1:
             raise ConfigError(
                 f"num_layers: -1 (all) or at least 1, got {self.num_layers}"
+            )
+        if self.refusals not in REFUSALS:
+            raise ConfigError(
+                f"refusals: one of {', '.join(REFUSALS)}, got {self.refusals!r}"
             )
         self.method_names()
         return self
