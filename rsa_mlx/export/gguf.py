@@ -29,6 +29,7 @@ from gguf import GGMLQuantizationType as T
 
 from rsa_mlx.export.gguf_vocab import add_vocab
 from rsa_mlx.export.hf import hf_weights, sources
+from rsa_mlx.io import hf
 from rsa_mlx.io.gguf_layout import (
     ARCHITECTURES,
     GGUF_ARCHITECTURES,
@@ -71,13 +72,7 @@ def export_gguf(
             f"{quote(out)}: already exists; remove it or choose another --gguf path"
         )
     base, config, run = sources(model, adapter_path, merge)
-    arch = GGUF_ARCHITECTURES.get(config["model_type"])
-    if arch is None:
-        raise InputError(
-            f"{quote(Path(base) / 'config.json')}: cannot export model_type "
-            f"{config['model_type']!r} to GGUF (supported: "
-            f"{', '.join(GGUF_ARCHITECTURES)})"
-        )
+    arch = check_gguf_exportable(base, config)
     writer = gguf.GGUFWriter(None, arch)
     rope = add_model_keys(writer, config, base, gguf_type, run)
     add_vocab(writer, base, config["vocab_size"])  # refused before the model loads
@@ -87,6 +82,27 @@ def export_gguf(
         writer.add_tensor(ROPE_FREQS, rope)
     write_atomic(out, lambda tmp: _write(writer, Path(tmp)))
     return out
+
+
+def check_gguf_exportable(base: str | Path, config: dict | None = None) -> str:
+    """The GGUF architecture of the model folder ``base``, or one line saying
+    why it cannot be exported (its architecture, a size key or its
+    tokenizer), before any training or conversion work."""
+    config = config if config is not None else hf.check_model_folder(Path(base))
+    where = quote(Path(base) / "config.json")
+    arch = GGUF_ARCHITECTURES.get(config.get("model_type"))
+    if arch is None:
+        raise InputError(
+            f"{where}: cannot export model_type {config.get('model_type')!r} to "
+            f"GGUF (supported: {', '.join(GGUF_ARCHITECTURES)})"
+        )
+    missing = [k for k in REQUIRED if k not in config]
+    if missing:
+        raise InputError(
+            f"{where}: no {', '.join(missing)} (GGUF's metadata needs them)"
+        )
+    add_vocab(gguf.GGUFWriter(None, arch), Path(base), config["vocab_size"])
+    return arch
 
 
 def _write(writer: gguf.GGUFWriter, path: Path) -> None:
@@ -109,12 +125,6 @@ def rope_parameters(config: dict) -> tuple[float, dict]:
 
 def add_model_keys(w, config: dict, base: Path, gguf_type: str, run: dict):
     """The architecture keys; returns Llama-3 RoPE factors to write, or None."""
-    missing = [k for k in REQUIRED if k not in config]
-    if missing:
-        raise InputError(
-            f"{quote(Path(base) / 'config.json')}: no {', '.join(missing)} "
-            "(GGUF's metadata needs them)"
-        )
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
     w.add_name(f"{Path(str(run['model'])).name} (rsa-mlx)")

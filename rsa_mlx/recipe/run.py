@@ -17,7 +17,8 @@ where it stopped; training resumes from its checkpoints):
    every held-out set greedily and sampled (:mod:`rsa_mlx.recipe.evaluate`);
    ``report.md``, ``plot.svg``/``plot.png`` and ``results.json`` put them
    side by side with example answers (:mod:`rsa_mlx.recipe.report`).
-5. ``export-hf/``: the last method fused into a Hugging Face folder.
+5. ``export-hf/`` and ``aligned.gguf``: the last method fused into a
+   Hugging Face folder and into one GGUF file (F16) for llama.cpp and Ollama.
 
 The settings are saved in ``recipe.json``; run again with settings that
 change the data or the training and it is refused by name.
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 
 from rsa_mlx.eval.sampling import check_sampling
+from rsa_mlx.export.gguf import check_gguf_exportable, export_gguf
 from rsa_mlx.export.hf import export_model
 from rsa_mlx.io.gguf import gguf_to_hf
 from rsa_mlx.recipe.evaluate import RecipeEvaluator
@@ -129,7 +131,7 @@ def prepare_data(model_dir: str, cfg: RecipeConfig, out: Path) -> Path:
     net, tokenizer = load(model_dir)
     built = generate_pairs(
         net, tokenizer, harmful, benign, samples=1, max_tokens=cfg.pair_max_tokens,
-        temperature=cfg.pair_temperature, seed=cfg.seed,
+        temperature=cfg.pair_temperature, seed=cfg.seed, refusals=cfg.refusals,
     )  # fmt: skip
     del net
     counts = {"seconds": time.perf_counter() - tic, "skipped": built["counts"]}
@@ -225,6 +227,18 @@ def evaluate_models(models: dict, data: Path, out: Path, cfg: RecipeConfig) -> d
     return results
 
 
+def export_last(model_dir: str, runs: dict, out: Path) -> None:
+    """The last method, fused: ``export-hf/`` (transformers) and
+    ``aligned.gguf`` (llama.cpp, Ollama); each skipped when it exists."""
+    last = list(runs)[-1]
+    if not (out / "export-hf").exists():
+        export_model(out / "export-hf", model=model_dir, adapter_path=runs[last])
+        bars.echo(f"export: {out / 'export-hf'} ({last}; transformers can load it)")
+    if not (out / "aligned.gguf").exists():
+        export_gguf(out / "aligned.gguf", model=model_dir, adapter_path=runs[last])
+        bars.echo(f"export: {out / 'aligned.gguf'} ({last}; llama.cpp and Ollama)")
+
+
 def run(cfg: RecipeConfig) -> dict:
     """The whole recipe (see the module docstring); returns the metrics."""
     out = Path(cfg.out)
@@ -234,6 +248,8 @@ def run(cfg: RecipeConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_json(out / SETTINGS_FILE, dataclasses.asdict(cfg))
     model_dir = prepare_model(cfg.model, out)
+    if cfg.export:
+        check_gguf_exportable(model_dir)  # before hours of work, not after
     data = prepare_data(model_dir, cfg, out)
     runs = train_methods(model_dir, data, out, cfg)
     results = evaluate_models(models_to_evaluate(model_dir, runs), data, out, cfg)
@@ -245,10 +261,8 @@ def run(cfg: RecipeConfig) -> dict:
     }
     table = write_report(out, results, meta)
     bars.echo("\n" + table)
-    last = list(runs)[-1]
-    if cfg.export and not (out / "export-hf").exists():
-        export_model(out / "export-hf", model=model_dir, adapter_path=runs[last])
-        bars.echo(f"export: {out / 'export-hf'} ({last}; transformers can load it)")
+    if cfg.export:
+        export_last(model_dir, runs, out)
     summary = {n: r["metrics"] for n, r in results.items()}
     save_json(out / "results.json", {**meta, "results": summary})
     bars.echo(f"wall time {meta['seconds']:.0f}s; report: {out / 'report.md'}")
