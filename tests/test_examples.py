@@ -72,16 +72,22 @@ def test_real_model_recipe_with_local_folders_in_the_hub_layout(tmp_path):
     assert "cvar" in (work / "hf" / "README.md").read_text()
 
 
-def test_sweep_example_grid_shares_stage_1_across_temperatures():
+def test_sweep_examples_plan_the_two_search_steps():
     from rsa_mlx.cli.sweep import plan
     from rsa_mlx.study.grid import expand
 
-    base, grid, evaluation, path, harms = plan(
-        str(EXAMPLES / "sweep_smollm2.yaml"), None, None, None, (), None, (), {}
-    )
+    def planned(name):
+        return plan(str(EXAMPLES / name), None, None, None, (), None, (), {})
+
+    base, grid, evaluation, path, harms = planned("sweep_smollm2.yaml")
     cells = expand(base, grid)
-    assert len(cells) == 24
-    assert len({c.train_key for c in cells}) == 24
-    assert len({c.stage1_key for c in cells}) == 12  # method x lr x seed
-    assert evaluation["scorer"] == "refusal" and harms == ["unsafe_rate"]
+    assert len(cells) == 9 and len({c.train_key for c in cells}) == 9
+    assert len({c.stage1_key for c in cells}) == 9  # method x seed
+    assert evaluation["evaluator"] == "recipe" and harms == ["unsafe_rate"]
     assert path == "work/smollm2/sweep"
+    # the scan: stage 1 does not depend on the safety temperature
+    base, grid, evaluation, path, harms = planned("sweep_smollm2_scan.yaml")
+    cells = expand(base, grid)
+    assert len(cells) == 32 and len({c.train_key for c in cells}) == 32
+    assert len({c.stage1_key for c in cells}) == 16
+    assert evaluation["samples"] == 0 and path == "work/smollm2/scan"
