@@ -644,7 +644,15 @@ def test_first_stage2_step_with_dropout_has_zero_kl_and_rewards(tiny, tmp_path):
     row = first_rows(cut, "safety")
     for key in ("kl/chosen", "kl/rejected", "rewards/chosen", "rewards/rejected"):
         assert abs(row[key]) < 1e-6, (key, row[key])
-    assert losses_of(cut) == losses_of(run_dir)
+    # Bit for bit with MLX's own BLAS; with OpenBLAS loaded, stage 2 after a
+    # resume between stages differs in float32's last bits (1.2e-7 relative
+    # at its second iteration, measured; equal with RSA_MLX_OPENBLAS=0): its
+    # GEMM results depend on more than their inputs (e.g. the arrays'
+    # alignment). A wrong reference or dropout stream
+    # would differ by orders of magnitude more.
+    (resumed, full) = (losses_of(cut), losses_of(run_dir))
+    assert [r[:2] for r in resumed] == [r[:2] for r in full]
+    assert [r[2] for r in resumed] == pytest.approx([r[2] for r in full], rel=1e-5)
 
 
 # ------------------------------------------------------- settings of the loop

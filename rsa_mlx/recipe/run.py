@@ -242,7 +242,7 @@ def export_last(model_dir: str, runs: dict, out: Path) -> None:
 def run(cfg: RecipeConfig) -> dict:
     """The whole recipe (see the module docstring); returns the metrics."""
     out = Path(cfg.out)
-    check_sampling(k=cfg.eval_samples, max_tokens=cfg.eval_max_tokens)
+    check_sampling(k=max(cfg.eval_samples, 1), max_tokens=cfg.eval_max_tokens)
     check_rerun(cfg, out)
     tic = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

@@ -85,7 +85,9 @@ class RecipeConfig:
     lora_scale: float = setting(20.0, "LoRA scale.")
     max_seq_length: int = setting(256, "Longest prompt + answer in tokens.")
     # evaluation
-    eval_samples: int = setting(1, "Sampled answers per held-out prompt.")
+    eval_samples: int = setting(
+        1, "Sampled answers per held-out prompt (and one greedy); 0: greedy only."
+    )
     eval_max_tokens: int = setting(64, "Longest answer at evaluation.")
     eval_temperature: float = setting(0.8, "Temperature of the sampled answers.")
 
@@ -131,13 +133,14 @@ class RecipeConfig:
         _at_least("borderline_train", self.borderline_train, 0)
         for key, value in self.eval_sizes().items():
             _at_least(f"{key}_eval", value, 1)
-        for key in ("pair_max_tokens", "batch_size", "eval_samples", "lora_rank"):
+        for key in ("pair_max_tokens", "batch_size", "lora_rank"):
             _at_least(key, getattr(self, key), 1)
         for key in ("epochs", "learning_rate", "beta", "safety_beta", "lora_scale"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
         for key in ("pair_temperature", "eval_temperature", "sft_weight", "valid"):
             _at_least(key, getattr(self, key), 0)
+        _at_least("eval_samples", self.eval_samples, 0)
         _at_least("eval_max_tokens", self.eval_max_tokens, 1)
         _at_least("max_seq_length", self.max_seq_length, 16)
         _at_least("contrast_pairs", self.contrast_pairs, -1)
