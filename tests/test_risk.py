@@ -393,6 +393,40 @@ def test_cvar_mu_below_the_smallest_supported_is_refused():
         R.resolve_mu("cvar", R.MIN_CVAR_MU / 2)
 
 
+# mu, reference p, target Z (before the shift that normalises q), and the
+# share of the boundary atom (tied entries together) inside the tail
+BOUNDARY_CASES = [
+    (0.4, [0.2, 0.3, 0.5], [2.0, 1.0, 0.0], 2 / 3),  # mu <= 1/2: mass above
+    (0.4, [0.2, 0.15, 0.15, 0.5], [2.0, 1.0, 1.0, 0.0], 2 / 3),  # a tied atom
+    (0.9, [0.2, 0.15, 0.15, 0.5], [2.0, 1.0, 1.0, 0.0], 0.8),  # mu > 1/2
+    (0.95, [0.1, 0.2, 0.7], [2.0, 1.0, 0.0], 0.65 / 0.7),
+]
+
+
+@pytest.mark.parametrize(("mu", "p", "zt", "share"), BOUNDARY_CASES)
+def test_cvar_boundary_atom_counts_its_share(mu, p, zt, share):
+    # With ref logits log p and policy logits log p - zt, Z = zt + c for one
+    # constant c, so the tail and the boundary atom are known by hand:
+    # CVaR = (sum_above p Z + share * mass_at * Z_at) / mu, and the gradient
+    # is q - w with w = p / mu above, share * p / mu at the boundary.
+    p, zt = np.array(p), np.array(zt)
+    b = np.log(p)
+    a = b - zt
+    q = np.exp(a) / np.exp(a).sum()
+    z = np.log(p) - np.log(q)
+    order = np.argsort(-zt, kind="stable")
+    boundary = zt[order][np.argmax(np.cumsum(p[order]) >= mu - 1e-12)]
+    w = np.where(zt > boundary, p / mu, np.where(zt == boundary, share * p / mu, 0))
+    assert w.sum() == pytest.approx(1.0)
+    want = (w * z).sum()
+    pa, pb = mx.array(a[None].astype(np.float32)), mx.array(b[None].astype(np.float32))
+    y = mx.zeros((1,), mx.int32)
+    got = R.token_stats(pa, pb, y, "cvar", mu).risk.item()
+    assert got == pytest.approx(want, rel=1e-5)
+    grad = mx.grad(lambda x: R.token_stats(x, pb, y, "cvar", mu).risk.sum())(pa)
+    np.testing.assert_allclose(np.array(grad)[0], q - w, atol=1e-6)
+
+
 # --------------------------------------------------------------------------
 # properties (docs/method.md §2)
 

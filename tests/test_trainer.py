@@ -822,3 +822,48 @@ def test_nll_term_moves_parameters_and_compiled_equals_eager(tiny):
     assert math.isclose(
         results[True]["loss"], math.log(2) + results[True]["nll/chosen"], rel_tol=1e-5
     )
+
+
+def fake_device(monkeypatch, metal: bool, info: dict) -> list:
+    """Pretend to be a device with ``info``; return the wired-limit calls."""
+    calls = []
+
+    def set_wired_limit(size):
+        calls.append(size)
+        return 7  # the limit before
+
+    monkeypatch.setattr(mx.metal, "is_available", lambda: metal)
+    monkeypatch.setattr(mx, "device_info", lambda: dict(info))
+    monkeypatch.setattr(mx, "set_wired_limit", set_wired_limit)
+    return calls
+
+
+def test_wired_limit_raised_on_metal_and_restored(monkeypatch):
+    info = {"device_name": "Apple M", "max_recommended_working_set_size": 123}
+    calls = fake_device(monkeypatch, True, info)
+    with trainer.wired_limit():
+        assert calls == [123]
+    assert calls == [123, 7]  # the previous limit, back
+
+
+def test_wired_limit_restored_after_an_error(monkeypatch):
+    info = {"max_recommended_working_set_size": 123}
+    calls = fake_device(monkeypatch, True, info)
+    with pytest.raises(RuntimeError), trainer.wired_limit():
+        raise RuntimeError("stopped")
+    assert calls == [123, 7]
+
+
+@pytest.mark.parametrize(
+    ("metal", "info"),
+    [
+        (False, {"architecture": "x86_64", "device_name": "AMD EPYC"}),  # CPU
+        (True, {"device_name": "Apple M"}),  # Metal without the key
+        (False, {"max_recommended_working_set_size": 123}),  # key, no Metal
+    ],
+)
+def test_wired_limit_unchanged_without_metal_or_the_key(monkeypatch, metal, info):
+    calls = fake_device(monkeypatch, metal, info)
+    with trainer.wired_limit():
+        pass
+    assert calls == []

@@ -27,8 +27,8 @@ Implementation notes (all measured on MLX 0.32 CPU, see docs/benchmarks.md):
   log-ratio at the targets, and the backward is one pass over the vocabulary.
   The CVaR/truncated threshold is a constant in the backward (stop-gradient).
 * CVaR's threshold is found exactly, without sorting the vocabulary, by
-  bisection over the 2^32 float32 values in the order of their uint32 keys:
-  32 masked sums, about 40 ns per entry on this CPU against ~85 for a sort
+  bisection over the 2^32 float32 values in the order of their uint32 keys
+  (computed once per row, compared as integers): 32 masked sums, about 40 ns per entry on this CPU against ~85 for a sort
   and ~70 for a two-round radix select with scatter-add histograms.
 * MLX's CPU reductions accumulate in float32 along the axis (relative error
   ~2e-4 at V = 152k), so sums over the vocabulary are two-level: blocks of

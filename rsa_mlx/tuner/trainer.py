@@ -15,6 +15,7 @@ import contextlib
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tuner.callbacks import get_reporting_callbacks
 
@@ -221,7 +222,31 @@ def train(
                 f"{quote(run_dir)}: another process trained here while this one "
                 "was loading; run the command again"
             )
-        return _train_in(cfg, run_dir, reporter, model, previous, datasets, inputs)
+        with wired_limit():
+            return _train_in(cfg, run_dir, reporter, model, previous, datasets, inputs)
+
+
+@contextlib.contextmanager
+def wired_limit():
+    """Raise the Metal wired-memory limit to the recommended working set while
+    training, as mlx-lm's trainer does, and restore it after.
+
+    Wired memory cannot be paged out, so a model and step that fit in it do
+    not stall on the GPU. Only where Metal is available and the device
+    reports ``max_recommended_working_set_size``; elsewhere (the CPU backend
+    reports no such key) nothing is changed.
+    """
+    size = None
+    if mx.metal.is_available():
+        size = mx.device_info().get("max_recommended_working_set_size")
+    if not size:
+        yield
+        return
+    previous = mx.set_wired_limit(size)
+    try:
+        yield
+    finally:
+        mx.set_wired_limit(previous)
 
 
 def _train_in(cfg, run_dir, reporter, model, previous, datasets, inputs) -> dict:
