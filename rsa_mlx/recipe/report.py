@@ -75,20 +75,26 @@ def headline(results: dict, decoding: str) -> str:
     return "\n".join(lines)
 
 
+def decodings(results: dict) -> list[str]:
+    """The decodings the models were evaluated with (greedy only when the
+    evaluation took no samples)."""
+    found = {k.rsplit("_", 1)[-1] for r in results.values() for k in r["metrics"]}
+    return [d for d in DECODINGS if d in found]
+
+
 def per_set(results: dict, name: str) -> str:
     """Every measure of one set, greedy and sampled, for every model."""
     keys = ["refusal", "loops", "degenerate", "fluency"]
     if name == "advbench":
         keys.insert(1, "substring")
-    head = (
-        "| model | " + " | ".join(f"{k} ({d})" for d in DECODINGS for k in keys) + " |"
-    )
-    lines = [head, "|---|" + "---:|" * (len(keys) * len(DECODINGS))]
+    used = decodings(results)
+    head = "| model | " + " | ".join(f"{k} ({d})" for d in used for k in keys) + " |"
+    lines = [head, "|---|" + "---:|" * (len(keys) * len(used))]
     for model, result in results.items():
         m = result["metrics"]
         cells = [
             _cell(m.get(f"{k}_{name}_{d}"), percent=k != "fluency")
-            for d in DECODINGS
+            for d in used
             for k in keys
         ]
         lines.append(f"| {TITLES.get(model, model)} | " + " | ".join(cells) + " |")
@@ -160,15 +166,14 @@ def write_report(out: Path, results: dict, meta: dict) -> str:
         "(word salad). KL shift: mean per-token KL from the base model on the "
         "model's own sampled answers.",
         "",
-        "## Greedy answers",
-        "",
-        headline(results, "greedy"),
-        "",
-        "## Sampled answers",
-        "",
-        headline(results, "sampled"),
-        "",
     ]
+    for decoding in decodings(results):
+        lines += [
+            f"## {decoding.capitalize()} answers",
+            "",
+            headline(results, decoding),
+            "",
+        ]
     for name in NAMES:
         if not prompts[name]:
             continue
