@@ -117,7 +117,10 @@ class Decoder:
         self.pick = _picker(temperature, top_p)
         self.eos = mx.array(sorted({int(e) for e in eos}) or [-1], mx.int32)
         self.logits = ResponseLogits(model)
-        self.step = mx.compile(self._step)
+        # The random state goes through the trace: a model left in training
+        # mode (LoRA dropout) draws fresh masks each step, as it would eagerly.
+        state = mx.random.state
+        self.step = mx.compile(self._step, inputs=state, outputs=state)
 
     def _step(self, token, keys, values, pos, left, u, done):
         caches = [
