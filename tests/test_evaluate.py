@@ -17,8 +17,8 @@ from mlx_lm.utils import load as mlx_load
 
 from rsa_mlx.cli import main as cli
 from rsa_mlx.demo import world
+from rsa_mlx.eval import decode, metrics, prompts, sampling, scorers
 from rsa_mlx.eval import evaluate as ev
-from rsa_mlx.eval import metrics, prompts, sampling, scorers
 from rsa_mlx.util.errors import DataError
 from tests.tiny import write_jsonl, write_model
 
@@ -87,24 +87,34 @@ def test_sequence_logprobs_are_teacher_forced_sums(tiny):
         assert math.isclose(value, want, rel_tol=1e-5, abs_tol=1e-4)
 
 
-def test_sampling_is_seeded_and_batched(tiny, monkeypatch):
+@pytest.mark.parametrize("impl", ["fast", "mlx_lm"])
+def test_sampling_is_seeded_and_batched(tiny, monkeypatch, impl):
     generate = importlib.import_module("mlx_lm.generate")  # not mlx_lm.generate()
 
     model, tok = mlx_load(str(tiny / "model"))
     records = [prompts.PromptRecord("hello"), prompts.PromptRecord("bye")]
     calls = []
-    real = generate.batch_generate
+    if impl == "mlx_lm":
+        real = generate.batch_generate
 
-    def counted(model, tokenizer, prompts, **kw):
-        calls.append(len(prompts))
-        return real(model, tokenizer, prompts, **kw)
+        def counted(model, tokenizer, prompts, **kw):
+            calls.append(len(prompts))
+            return real(model, tokenizer, prompts, **kw)
 
-    monkeypatch.setattr(sampling, "batch_generate", counted)
+        monkeypatch.setattr(sampling, "batch_generate", counted)
+    else:
+        real = decode.Decoder.__call__
+
+        def counted(self, prompts):
+            calls.append(len(prompts))
+            return real(self, prompts)
+
+        monkeypatch.setattr(decode.Decoder, "__call__", counted)
 
     def sample(seed, batch_size, temperature=30.0):  # hot: the tiny model is peaked
         return sampling.sample_responses(
             model, tok, records, k=3, max_tokens=5, temperature=temperature,
-            seed=seed, batch_size=batch_size,
+            seed=seed, batch_size=batch_size, impl=impl,
         )  # fmt: skip
 
     a, again, other = sample(1, 4), sample(1, 4), sample(2, 4)

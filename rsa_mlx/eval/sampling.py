@@ -1,6 +1,15 @@
-"""Model quantities on prompts: K sampled responses per prompt (mlx-lm's
-batched generation, seeded) with the token ids sampled, and teacher-forced
-log-probabilities of given responses."""
+"""Model quantities on prompts: K sampled responses per prompt (batched
+generation, seeded) with the token ids sampled, and teacher-forced
+log-probabilities of given responses.
+
+Generation is :mod:`rsa_mlx.eval.decode` (``impl="fast"``, the default;
+1.7-2x the tokens/s of mlx-lm's on a 2-core CPU at batch 32, where the
+model's matrix products bound both: docs/benchmarks.md "Sampling") or
+mlx-lm's ``batch_generate`` (``impl="mlx_lm"``, also used for models the
+fast path does not cover). Both sample ``softmax(logits / T)`` (after
+top-p) and stop at the tokenizer's end-of-sequence tokens; with the same
+seed they draw different (equally distributed) samples.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +20,7 @@ import numpy as np
 from mlx_lm.generate import batch_generate
 from mlx_lm.sample_utils import make_sampler
 
+from rsa_mlx.eval import decode
 from rsa_mlx.eval.prompts import PromptRecord, prompt_ids
 from rsa_mlx.util import progress
 from rsa_mlx.util.errors import InputError
@@ -22,6 +32,8 @@ __all__ = [
     "sample_with_ids",
     "sequence_logprobs",
 ]
+
+IMPLS = ("fast", "mlx_lm")
 
 
 def sequence_logprobs(
@@ -68,18 +80,21 @@ def sample_responses(
     batch_size: int = 64,
     label: str = "sampling",
     prefix: str = "",
+    impl: str = "fast",
 ) -> list[list[str]]:
-    """``k`` sampled responses per prompt, with mlx-lm's batch generation.
+    """``k`` sampled responses per prompt, generated in batches.
 
     The ``len(records) * k`` generations run in batches of ``batch_size``
     (progress is shown per batch). The random state is seeded once, so the
     same seed gives the same samples. A ``prefix`` is put at the start of
     every response (after the chat template's generation prompt) and the
-    model continues it; the returned texts start with it.
+    model continues it; the returned texts start with it. ``impl``:
+    ``"fast"`` (:mod:`rsa_mlx.eval.decode`) or ``"mlx_lm"``
+    (``batch_generate``).
     """
     return sample_with_ids(
         model, tokenizer, records, k, max_tokens, temperature, top_p, seed,
-        batch_size, label, prefix,
+        batch_size, label, prefix, impl,
     )[0]  # fmt: skip
 
 
@@ -95,46 +110,64 @@ def sample_with_ids(
     batch_size: int = 64,
     label: str = "sampling",
     prefix: str = "",
+    impl: str = "fast",
 ) -> tuple[list[list[str]], list[list[tuple[list[int], list[int]]]]]:
     """:func:`sample_responses`, also returning the token ids sampled.
 
     Returns ``(texts, ids)``: ``ids[i][j] = (prompt_ids, response_ids)`` for
     ``texts[i][j]``; the prompt ids are those the model was given (the
     prefix's tokens included), the response ids those it generated (without
-    the end-of-sequence token that stopped it: mlx-lm does not return it).
+    the end-of-sequence token that stopped it).
     """
     check_sampling(k=k, max_tokens=max_tokens, temperature=temperature)
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, not {batch_size}")
+    if impl not in IMPLS:
+        raise InputError(f"impl must be one of {', '.join(IMPLS)}, not {impl!r}")
     mx.random.seed(seed)
     start_ids = tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
     ids = [prompt_ids(tokenizer, r) + list(start_ids) for r in records]
     check_context(model, records, ids, max_tokens)
     flat = [p for p in ids for _ in range(k)]
-    sampler = make_sampler(temp=temperature, top_p=top_p)
-    texts: list[str] = []
+    if impl == "fast" and decode.supported(model):
+        eos = tokenizer.eos_token_ids
+        run = decode.Decoder(model, max_tokens, temperature, top_p, eos)
+    else:
+        run = _mlx_lm_batch(
+            model, tokenizer, max_tokens, temperature, top_p, batch_size
+        )
     generated: list[list[int]] = []
     with progress.task(label, len(flat), "responses") as bar:
         for start in range(0, len(flat), batch_size):
             batch = flat[start : start + batch_size]
-            result = batch_generate(
-                model,
-                tokenizer,
-                batch,
-                max_tokens=max_tokens,
-                sampler=sampler,
-                completion_batch_size=batch_size,
-                prefill_batch_size=min(batch_size, 32),
-                return_token_ids=True,
-            )
-            texts.extend(prefix + t for t in result.texts)
-            generated.extend([int(t) for t in ids] for ids in result.token_ids)
+            generated.extend(run(batch))
             bar.advance(len(batch))
+    texts = [prefix + tokenizer.decode(r) for r in generated]
     pairs = [(list(p), r) for p, r in zip(flat, generated)]
     return (
         [texts[i * k : (i + 1) * k] for i in range(len(records))],
         [pairs[i * k : (i + 1) * k] for i in range(len(records))],
     )
+
+
+def _mlx_lm_batch(model, tokenizer, max_tokens, temperature, top_p, batch_size):
+    """``prompts -> generated ids`` by mlx-lm's ``batch_generate``."""
+    sampler = make_sampler(temp=temperature, top_p=top_p)
+
+    def run(batch):
+        result = batch_generate(
+            model,
+            tokenizer,
+            batch,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            completion_batch_size=batch_size,
+            prefill_batch_size=min(batch_size, 32),
+            return_token_ids=True,
+        )
+        return [[int(t) for t in ids] for ids in result.token_ids]
+
+    return run
 
 
 def context_length(model) -> int | None:

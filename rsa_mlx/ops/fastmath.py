@@ -111,8 +111,10 @@ def attention(q, k, v, *, scale, mask=None):
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     rep = H // Hkv
-    q = (q * mx.array(scale, q.dtype)).reshape(B, Hkv, rep, Tq, D)
-    scores = q @ mx.expand_dims(k, 2).swapaxes(-1, -2)  # [B, Hkv, rep, Tq, Tk]
+    # The heads sharing a key are rows of one product, [rep * Tq, D] @ [D, Tk]:
+    # a batched matmul broadcasting k over rep copies it (decode: ~40% slower).
+    q = (q * mx.array(scale, q.dtype)).reshape(B, Hkv, rep * Tq, D)
+    scores = (q @ k.swapaxes(-1, -2)).reshape(B, Hkv, rep, Tq, Tk)
     # Masked scores get the lowest finite value, as in MLX: a query with no
     # key left averages them all instead of giving NaN.
     low = mx.array(mx.finfo(scores.dtype).min, scores.dtype)
@@ -132,8 +134,8 @@ def attention(q, k, v, *, scale, mask=None):
             scores = mx.where(mask, scores, low)
         else:
             scores = scores + mask.astype(scores.dtype)
-    out = softmax(scores).astype(v.dtype) @ mx.expand_dims(v, 2)
-    return out.reshape(B, H, Tq, -1)
+    weights = softmax(scores).astype(v.dtype).reshape(B, Hkv, rep * Tq, Tk)
+    return (weights @ v).reshape(B, H, Tq, -1)
 
 
 _probe_traces = [0]
