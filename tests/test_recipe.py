@@ -204,7 +204,7 @@ TINY = {
     "borderline_train": 4, "advbench_eval": 3, "phrased_eval": 2,
     "benign_eval": 2, "borderline_eval": 2, "pair_max_tokens": 6,
     "eval_max_tokens": 5, "valid": 2, "batch_size": 2, "epochs": 1.0,
-    "max_seq_length": 96, "lora_rank": 2, "num_layers": 2,
+    "max_seq_length": 96, "lora_rank": 2, "num_layers": 2, "eval_samples": 1,
 }  # fmt: skip
 
 

@@ -41,20 +41,20 @@ class RecipeConfig:
         True, "Export the last method as a Hugging Face folder and a GGUF file."
     )
     # prompts: how many of each set to train on and to hold out
-    advbench_train: int = setting(300, "AdvBench requests to make refusal pairs of.")
+    advbench_train: int = setting(160, "AdvBench requests to make refusal pairs of.")
     phrased_train: int = setting(
-        224, "Harmful requests in other phrasings to make refusal pairs of."
+        100, "Harmful requests in other phrasings to make refusal pairs of."
     )
     benign_train: int = setting(
-        128, "Plain benign requests to make answer-vs-refusal pairs of."
+        48, "Plain benign requests to make answer-vs-refusal pairs of."
     )
     borderline_train: int = setting(
-        200, "Safe requests that sound dangerous, for answer-vs-refusal pairs."
+        96, "Safe requests that sound dangerous, for answer-vs-refusal pairs."
     )
-    advbench_eval: int = setting(120, "Held-out AdvBench requests.")
-    phrased_eval: int = setting(133, "Held-out harmful requests in other phrasings.")
+    advbench_eval: int = setting(100, "Held-out AdvBench requests.")
+    phrased_eval: int = setting(100, "Held-out harmful requests in other phrasings.")
     benign_eval: int = setting(64, "Held-out benign requests (their own topics).")
-    borderline_eval: int = setting(137, "Held-out borderline requests.")
+    borderline_eval: int = setting(100, "Held-out borderline requests.")
     # pairs from the model's own answers
     pair_max_tokens: int = setting(48, "Longest answer sampled for a pair.")
     pair_temperature: float = setting(0.8, "Temperature of the answers for pairs.")
@@ -71,7 +71,7 @@ class RecipeConfig:
     )
     valid: int = setting(16, "Pairs held out for validation, per stage.")
     # training (both stages, every method)
-    epochs: float = setting(2.0, "Epochs per stage.")
+    epochs: float = setting(1.0, "Epochs per stage.")
     batch_size: int = setting(4, "Preference pairs per batch.")
     learning_rate: float = setting(5e-5, "Learning rate (warm-up, then cosine).")
     bias_correction: bool = setting(False, "Adam's bias correction (as torch).")
@@ -86,9 +86,9 @@ class RecipeConfig:
     max_seq_length: int = setting(256, "Longest prompt + answer in tokens.")
     # evaluation
     eval_samples: int = setting(
-        1, "Sampled answers per held-out prompt (and one greedy); 0: greedy only."
+        0, "Sampled answers per held-out prompt (and one greedy); 0: greedy only."
     )
-    eval_max_tokens: int = setting(64, "Longest answer at evaluation.")
+    eval_max_tokens: int = setting(48, "Longest answer at evaluation.")
     eval_temperature: float = setting(0.8, "Temperature of the sampled answers.")
 
     def train_sizes(self) -> dict[str, int]:
@@ -163,16 +163,16 @@ def _at_least(key: str, value, low) -> None:
 
 # The quick budget: a few minutes, and still the effect (see docs/real_model.md).
 QUICK = {
+    "methods": "rsa-cvar",
     "advbench_train": 64,
     "phrased_train": 48,
-    "benign_train": 32,
-    "borderline_train": 32,
+    "benign_train": 24,
+    "borderline_train": 40,
     "advbench_eval": 32,
     "phrased_eval": 32,
     "benign_eval": 32,
     "borderline_eval": 32,
     "valid": 4,
-    "eval_max_tokens": 48,
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(RecipeConfig)}
