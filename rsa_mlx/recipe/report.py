@@ -143,12 +143,14 @@ def write_report(out: Path, results: dict, meta: dict) -> str:
         json.loads(x) for x in (out / "data" / "eval.jsonl").read_text().splitlines()
     ]
     prompts = {n: [r["prompt"] for r in eval_rows if r["set"] == n] for n in NAMES}
+    used = decodings(results)
     write_figure(
         out / "plot.svg",
         [chart(results)],
         columns=1,
         note="Each point is one model of one run (one seed: no interval); answers "
-        "count only when fluent (not degenerate), greedy and sampled pooled.",
+        f"count only when fluent (not degenerate); {' and '.join(used)} answers"
+        + (" pooled." if len(used) > 1 else "."),
     )
     settings = meta["settings"]
     lines = [
