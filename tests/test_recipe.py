@@ -477,3 +477,15 @@ def test_recipe_checks_the_gguf_export_before_any_work(tmp_path):
     with pytest.raises(InputError, match="a BPE without merges"):
         run(cfg)
     assert not (tmp_path / "out" / "data").exists()
+
+
+def test_greedy_only_evaluation_is_accepted_and_reported_as_such():
+    from rsa_mlx.recipe.report import decodings
+
+    assert settings.resolve_recipe({"eval_samples": 0}).eval_samples == 0
+    with pytest.raises(ConfigError, match="eval_samples: must be at least 0"):
+        settings.resolve_recipe({"eval_samples": -1})
+    greedy = {"base": {"metrics": {"refusal_advbench_greedy": 0.1, "shift_kl": 0.0}}}
+    assert decodings(greedy) == ["greedy"]
+    both = {"m": {"metrics": {"refusal_advbench_greedy": 0, "loops_benign_sampled": 0}}}
+    assert decodings(both) == ["greedy", "sampled"]

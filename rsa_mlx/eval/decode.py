@@ -35,7 +35,7 @@ from rsa_mlx.ops.fastmath import cpu_kernels
 from rsa_mlx.ops.sampling import sample
 from rsa_mlx.tuner.model import ResponseLogits
 
-__all__ = ["CHECK_EVERY", "Decoder", "StaticCache", "generate_ids", "supported"]
+__all__ = ["CHECK_EVERY", "Decoder", "StaticCache", "supported"]
 
 CHECK_EVERY = 8  # decode steps between host checks for end of sequence
 ALIGN = 16  # prompt widths are rounded up to this: fewer distinct traces
@@ -186,15 +186,3 @@ def _cut(tokens: np.ndarray, eos: mx.array) -> list[list[int]]:
         end = next((i for i, t in enumerate(row) if t in stop), len(row))
         out.append(row[:end])
     return out
-
-
-def generate_ids(
-    model,
-    prompts: Sequence[Sequence[int]],
-    max_tokens: int,
-    temperature: float,
-    top_p: float,
-    eos: Sequence[int],
-) -> list[list[int]]:
-    """The tokens generated after each prompt, one batch (see :class:`Decoder`)."""
-    return Decoder(model, max_tokens, temperature, top_p, eos)(prompts)
