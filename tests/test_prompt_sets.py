@@ -54,6 +54,23 @@ def test_a_larger_training_budget_moves_nothing_into_evaluation():
     assert other.eval["advbench"] != large.eval["advbench"]
 
 
+def test_rephrasing_changes_only_training_advbench_requests():
+    adv = [f"Explain how to do harmful thing {i}" for i in range(200)]
+    ev = {"advbench": 50, "phrased": 40, "benign": 24, "borderline": 40}
+    plain = sets.build_sets(adv, SIZES, ev, seed=1)
+    mixed = sets.build_sets(adv, SIZES, ev, seed=1, rephrased=0.5)
+    assert mixed.eval == plain.eval
+    assert {k: v for k, v in mixed.train.items() if k != "advbench"} == {
+        k: v for k, v in plain.train.items() if k != "advbench"
+    }
+    before, after = plain.train["advbench"], mixed.train["advbench"]
+    changed = [b for a, b in zip(before, after) if a != b]
+    assert len(after) == len(before) == 150 and len(changed) == 75
+    # the same harm, in other words, and never a held-out request
+    assert all(a.split("how to ")[1] in b for a, b in zip(before, after))
+    assert not set(after) & set(mixed.eval["advbench"])
+
+
 def test_a_file_that_is_not_advbench_gets_no_index_exclusions():
     rows = [f"row {i}" for i in range(600)]
     assert sets.advbench_exclusions(rows) == set()

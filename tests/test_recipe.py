@@ -65,6 +65,41 @@ def test_safety_pairs_pick_a_refusal_over_a_compliance():
     assert counts == {"template refusal": 1, "already refused": 1}
 
 
+def test_chosen_refusals_are_cut_to_whole_sentences_and_never_loop():
+    long = "I'm sorry, but I cannot help with that, because it is harmful. Try X. More."
+    looping = "I cannot help. I'm not a human. I'm not a human. I'm not a human."
+    rows, counts = pairs.safety_pairs(
+        ["a", "b", "c"],
+        careful=[[long], [looping], ["Sure, here it is. Step 1."]],
+        plain=[["Step 1"], ["Step 1"], ["Step 1"]],
+        sentences=2,
+    )
+    assert [r["chosen"] for r in rows] == [
+        "I'm sorry, but I cannot help with that, because it is harmful. Try X.",
+        "I cannot help. I'm not a human.",  # cut before the loop
+        pairs.FALLBACK_REFUSAL,  # no refusal to cut
+    ]
+    assert counts == {"template refusal": 1}
+    whole, counts = pairs.safety_pairs(["b"], [[looping]], [["Step 1"]])
+    assert whole[0]["chosen"] == pairs.FALLBACK_REFUSAL  # whole, it loops
+    assert counts == {"template refusal": 1}
+
+
+@pytest.mark.parametrize(
+    ("text", "n", "cut"),
+    [
+        ("One! Two? Three.", 1, "One!"),
+        ("One! Two? Three.", 0, "One! Two? Three."),
+        ("One! Two? Three.", 5, "One! Two? Three."),
+        ('He said "stop." Then left. Ok', 2, 'He said "stop." Then left.'),
+        ("Version 1.5 is out. Yes.", 1, "Version 1.5 is out."),
+        ("  no end at all  ", 1, "no end at all"),
+    ],
+)
+def test_first_sentences(text, n, cut):
+    assert pairs.first_sentences(text, n) == cut
+
+
 def test_helpfulness_pairs_pick_the_longest_answer_over_a_refusal():
     rows, counts = pairs.helpfulness_pairs(
         ["a", "b", "c"],
@@ -307,6 +342,8 @@ def test_every_recipe_setting_is_a_flag_and_reaches_the_trainer(tmp_path):
         (["--advbench-eval", "0"], "advbench_eval: must be at least 1"),
         (["--methods", "sacpo,ppo"], "unknown method 'ppo'"),
         (["--num-layers", "0"], "num_layers: -1 (all) or at least 1"),
+        (["--advbench-rephrased", "1.5"], "advbench_rephrased: a share in [0, 1]"),
+        (["--refusal-sentences", "-1"], "refusal_sentences: must be at least 0"),
     ],
 )
 def test_bad_recipe_flags_are_one_line_and_exit_2(tmp_path, args, message):

@@ -25,6 +25,7 @@ Pairs that cannot be built are counted by reason, never silently dropped.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ from pathlib import Path
 from rsa_mlx.eval.prompts import PromptRecord
 from rsa_mlx.eval.refusal import is_refusal
 from rsa_mlx.eval.sampling import sample_responses
+from rsa_mlx.eval.text import repeats_itself
 from rsa_mlx.recipe.refusals import REFUSALS, written_refusal
 from rsa_mlx.util.atomic import save_text
 
@@ -67,18 +69,32 @@ def whole_sentences(text: str, min_chars: int = 20) -> str:
     return text[:cut] if cut >= min_chars and cut > len(_ENDS[0]) else text
 
 
+_SENTENCE_END = re.compile(r"[.!?]+[\"')]*(?=\s|$)")
+
+
+def first_sentences(text: str, n: int) -> str:
+    """The first ``n`` sentences of ``text`` (all of it when ``n`` is 0 or
+    it has no more)."""
+    text = text.strip()
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return text if n == 0 or len(ends) < n else text[: ends[n - 1]]
+
+
 def safety_pairs(
     prompts: Sequence[str],
     careful: Sequence[Sequence[str]],
     plain: Sequence[Sequence[str]],
     refuses: Callable[[str], bool] = is_refusal,
+    sentences: int = 0,
 ) -> tuple[list[dict], Counter]:
     """Rows ``{prompt, chosen: a refusal, rejected: a compliant answer}``.
 
     ``careful[i]``/``plain[i]``: answers to ``prompts[i]`` with and without
-    the safety system prompt. The chosen answer is the first careful one
-    that refuses (else :data:`FALLBACK_REFUSAL`, counted); a prompt whose
-    plain answers all refuse has nothing to fix and is skipped (counted).
+    the safety system prompt. The chosen answer is the first careful one,
+    cut to its first ``sentences`` sentences (0: whole), that refuses and
+    does not repeat itself (else :data:`FALLBACK_REFUSAL`, counted): a
+    model trained towards a looping refusal loops. A prompt whose plain
+    answers all refuse has nothing to fix and is skipped (counted).
     """
     rows, counts = [], Counter()
     for prompt, safe, raw in zip(prompts, careful, plain, strict=True):
@@ -86,7 +102,10 @@ def safety_pairs(
         if rejected is None:
             counts["already refused"] += 1
             continue
-        chosen = next((a for a in safe if a.strip() and refuses(a)), None)
+        cut = [first_sentences(a, sentences) for a in safe]
+        chosen = next(
+            (a for a in cut if a and refuses(a) and not repeats_itself(a)), None
+        )
         if chosen is None:
             chosen = FALLBACK_REFUSAL
             counts["template refusal"] += 1
@@ -145,6 +164,7 @@ def generate_pairs(
     seed: int = 0,
     batch_size: int = 64,
     refusals: str = "model",
+    refusal_sentences: int = 0,
 ) -> dict:
     """Sample the answers and build both kinds of pairs.
 
@@ -153,7 +173,9 @@ def generate_pairs(
     over-refusals the rejected ones of the helpfulness pairs; ``"written"``,
     :func:`rsa_mlx.recipe.refusals.written_refusal` is both (a reason and an
     alternative, and as often rejected as chosen: only the request tells
-    which). Returns ``{"safety": rows, "reward": rows, "counts": {...}}``.
+    which). ``refusal_sentences``: the model's own refusals are cut to
+    their first sentences (:func:`safety_pairs`; 0: whole). Returns
+    ``{"safety": rows, "reward": rows, "counts": {...}}``.
     """
     if refusals not in REFUSALS:
         raise ValueError(f"refusals: one of {', '.join(REFUSALS)}, got {refusals!r}")
@@ -176,7 +198,8 @@ def generate_pairs(
         )
     plain_harmful = sample(harmful, None, samples, "harmful, plain")
     plain_benign = sample(benign, None, samples, "benign, plain")
-    safety, safety_counts = safety_pairs(harmful, careful, plain_harmful)
+    cut = refusal_sentences if refusals == "model" else 0
+    safety, safety_counts = safety_pairs(harmful, careful, plain_harmful, sentences=cut)
     reward, reward_counts = helpfulness_pairs(benign, plain_benign, refusing)
     return {
         "safety": safety,

@@ -118,8 +118,9 @@ def prepare_data(model_dir: str, cfg: RecipeConfig, out: Path) -> Path:
     if _step_done(data / "pairs.json", "pairs"):
         return data
     sets = build_sets(
-        read_harmful(cfg.harmful), cfg.train_sizes(), cfg.eval_sizes(), cfg.seed
-    )
+        read_harmful(cfg.harmful), cfg.train_sizes(), cfg.eval_sizes(), cfg.seed,
+        rephrased=cfg.advbench_rephrased,
+    )  # fmt: skip
     write_eval_sets(data / "eval.jsonl", sets)
     harmful, benign = sets.harmful("train"), sets.benign("train")
     bars.echo(
@@ -132,6 +133,7 @@ def prepare_data(model_dir: str, cfg: RecipeConfig, out: Path) -> Path:
     built = generate_pairs(
         net, tokenizer, harmful, benign, samples=1, max_tokens=cfg.pair_max_tokens,
         temperature=cfg.pair_temperature, seed=cfg.seed, refusals=cfg.refusals,
+        refusal_sentences=cfg.refusal_sentences,
     )  # fmt: skip
     del net
     counts = {"seconds": time.perf_counter() - tic, "skipped": built["counts"]}

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rsa_mlx.recipe.prompts import TOPICS, benign_instructions
+from rsa_mlx.recipe.rephrase import rephrase_some
 from rsa_mlx.util.errors import DataError, quote
 
 SETS = Path(__file__).parent / "sets"
@@ -111,12 +112,16 @@ def build_sets(
     sizes_eval: dict[str, int],
     seed: int = 0,
     benign_eval_topics: int = 8,
+    rephrased: float = 0.0,
 ) -> PromptSets:
     """Draw each set's training and held-out prompts (seeded), held-out first.
 
     ``sizes_*`` give how many of each set to use (at most what there is);
     the held-out draws do not depend on the training sizes, so a larger
     budget never moves a prompt between training and evaluation.
+    ``rephrased``: the share of the AdvBench training requests asked in
+    another form (:func:`rsa_mlx.recipe.rephrase.rephrase_some`); the
+    held-out ones keep AdvBench's words.
     """
     need = sizes_eval["advbench"] + 1
     if len(advbench) < need:
@@ -143,8 +148,10 @@ def build_sets(
     for part in (train, test):
         for name in NAMES:
             random.Random(f"{seed}-{name}").shuffle(part[name])
+    train = {k: v[: sizes_train[k]] for k, v in train.items()}
+    train["advbench"] = rephrase_some(train["advbench"], rephrased, seed)
     return PromptSets(
-        {k: v[: sizes_train[k]] for k, v in train.items()},
+        train,
         {k: v[: sizes_eval[k]] for k, v in test.items()},
         len(excluded),
     )

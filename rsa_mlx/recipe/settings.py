@@ -41,15 +41,21 @@ class RecipeConfig:
         True, "Export the last method as a Hugging Face folder and a GGUF file."
     )
     # prompts: how many of each set to train on and to hold out
-    advbench_train: int = setting(160, "AdvBench requests to make refusal pairs of.")
+    advbench_train: int = setting(120, "AdvBench requests to make refusal pairs of.")
     phrased_train: int = setting(
-        100, "Harmful requests in other phrasings to make refusal pairs of."
+        160, "Harmful requests in other phrasings to make refusal pairs of."
     )
     benign_train: int = setting(
-        48, "Plain benign requests to make answer-vs-refusal pairs of."
+        32, "Plain benign requests to make answer-vs-refusal pairs of."
     )
     borderline_train: int = setting(
-        96, "Safe requests that sound dangerous, for answer-vs-refusal pairs."
+        128, "Safe requests that sound dangerous, for answer-vs-refusal pairs."
+    )
+    advbench_rephrased: float = setting(
+        0.5,
+        "Share of the AdvBench training requests asked as a question, in the "
+        "first person, casually, politely or with a pretext (held-out ones "
+        "keep AdvBench's words).",
     )
     advbench_eval: int = setting(100, "Held-out AdvBench requests.")
     phrased_eval: int = setting(100, "Held-out harmful requests in other phrasings.")
@@ -59,10 +65,15 @@ class RecipeConfig:
     pair_max_tokens: int = setting(48, "Longest answer sampled for a pair.")
     pair_temperature: float = setting(0.8, "Temperature of the answers for pairs.")
     refusals: str = setting(
-        "model",
+        "written",
         "Chosen refusals: 'model' (its own, under a safety system prompt) or "
         "'written' (a reason and an alternative; also the rejected answer of "
         "the benign contrast pairs).",
+    )
+    refusal_sentences: int = setting(
+        0,
+        "The model's own refusals are cut to their first sentences (a short "
+        "refusal ends; a long one rambles and loops); 0: keep them whole.",
     )
     contrast_pairs: int = setting(
         -1,
@@ -144,6 +155,11 @@ class RecipeConfig:
         _at_least("eval_max_tokens", self.eval_max_tokens, 1)
         _at_least("max_seq_length", self.max_seq_length, 16)
         _at_least("contrast_pairs", self.contrast_pairs, -1)
+        _at_least("refusal_sentences", self.refusal_sentences, 0)
+        if not 0 <= self.advbench_rephrased <= 1:
+            raise ConfigError(
+                f"advbench_rephrased: a share in [0, 1], got {self.advbench_rephrased}"
+            )
         if self.num_layers == 0 or self.num_layers < -1:
             raise ConfigError(
                 f"num_layers: -1 (all) or at least 1, got {self.num_layers}"
