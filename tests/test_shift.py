@@ -17,7 +17,12 @@ from mlx_lm.utils import load as mlx_load
 from rsa_mlx.cli import main as cli
 from rsa_mlx.eval import evaluate as ev
 from rsa_mlx.eval import prompts, sampling
-from rsa_mlx.eval.shift import _response_batch, model_shift, token_shift
+from rsa_mlx.eval.shift import (
+    _response_batch,
+    model_shift,
+    shift_and_fluency,
+    token_shift,
+)
 from rsa_mlx.tuner import adapters
 from rsa_mlx.util.errors import InputError
 from tests.tiny import write_jsonl, write_model
@@ -210,6 +215,24 @@ def test_model_shift_equals_a_float64_brute_force(tiny, batch_size):
         )
         assert math.isclose(got["kl_cvar"], brute_cvar(kls, mu), rel_tol=1e-4)
     assert got["logratio_cvar"] >= got["logratio_mean"]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_shift_and_fluency_gives_each_responses_mean_logprob_under_the_reference(
+    tiny, batch_size
+):
+    model, _ = mlx_load(str(tiny / "model"))
+    reference = perturbed(tiny / "model")
+    stats, logps = shift_and_fluency(model, reference, SEQUENCES, 0.9, batch_size)
+    assert stats == model_shift(model, reference, None, SEQUENCES, 0.9, batch_size)
+    assert len(logps) == len(SEQUENCES) and math.isnan(logps[2])
+    for (p, r), got in zip(SEQUENCES, logps):
+        if r:  # float64 reference: the mean log p(y_t) over the response
+            logp = np_log_softmax(
+                np.array(reference(mx.array([p + r]))[0].astype(mx.float32))
+            )
+            want = np.mean([logp[len(p) - 1 + j, t] for j, t in enumerate(r)])
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
 
 
 def test_model_shift_edge_cases(tiny):

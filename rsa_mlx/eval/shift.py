@@ -36,7 +36,7 @@ from rsa_mlx.tuner.model import ResponseLogits
 from rsa_mlx.util import progress
 from rsa_mlx.util.errors import InputError
 
-__all__ = ["model_shift", "token_shift"]
+__all__ = ["model_shift", "shift_and_fluency", "token_shift"]
 
 
 def _log_softmax(logits: mx.array) -> mx.array:
@@ -60,17 +60,22 @@ def token_shift(
       should. Clamped at 0 from below (float rounding only).
     * ``log_ratio = log q(y) - log p(y)`` at ``y = targets``.
     """
+    kl, log_ratio, _ = _token_terms(logits, ref_logits, targets)
+    return kl, log_ratio
+
+
+def _token_terms(logits, ref_logits, targets):
+    """:func:`token_shift`'s two arrays and ``log p(y)``, the reference's
+    log-probability of the realised token."""
     logq = _log_softmax(logits)
     logp = _log_softmax(ref_logits)
     q = mx.exp(logq)
     terms = mx.where(q > 0, q * (logq - logp), mx.zeros_like(q))
     kl = mx.maximum(terms.sum(axis=-1), 0.0)
     picked = targets.astype(mx.int32)[..., None]
-    log_ratio = (
-        mx.take_along_axis(logq, picked, axis=-1)
-        - mx.take_along_axis(logp, picked, axis=-1)
-    )[..., 0]
-    return kl, log_ratio
+    ref_logp = mx.take_along_axis(logp, picked, axis=-1)[..., 0]
+    log_ratio = mx.take_along_axis(logq, picked, axis=-1)[..., 0] - ref_logp
+    return kl, log_ratio, ref_logp
 
 
 @contextmanager
@@ -147,6 +152,21 @@ def model_shift(
 
     Both models run in eval mode (their modes are restored), no gradients.
     """
+    return shift_and_fluency(model, reference, sequences, mu, batch_size, label)[0]
+
+
+def shift_and_fluency(
+    model,
+    reference,
+    sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
+    mu: float = 0.9,
+    batch_size: int = 8,
+    label: str | None = None,
+) -> tuple[dict, list[float]]:
+    """:func:`model_shift`'s summary and, from the same forward passes, each
+    response's fluency under the reference: ``mean_t log p(y_t)`` over its
+    tokens (NaN for an empty response), as :func:`fluency` gives for the
+    response's text. One pass of the reference serves both."""
     _check_shift(sequences, mu, batch_size)
     # only sequences with a response need a forward pass
     todo = [(list(p), list(r)) for p, r in sequences if len(r) > 0]
@@ -156,8 +176,16 @@ def model_shift(
         else nullcontext(SimpleNamespace(advance=lambda n=1: None))
     )
     with _eval_mode(model, reference), bar_context as bar:
-        kl, ratio = _token_shifts(model, reference, todo, batch_size, bar)
-    return shift_stats(kl, ratio, mu)
+        kl, ratio, ref_logp = _token_shifts(model, reference, todo, batch_size, bar)
+    sums = np.add.reduceat(ref_logp, _starts(todo)) if len(todo) else []
+    means = iter(float(total / len(r)) for total, (_, r) in zip(sums, todo))
+    logps = [next(means) if len(r) > 0 else float("nan") for _, r in sequences]
+    return shift_stats(kl, ratio, mu), logps
+
+
+def _starts(todo: list) -> np.ndarray:
+    """Offsets of each response's first token in the flat per-token arrays."""
+    return np.cumsum([0] + [len(r) for _, r in todo[:-1]])
 
 
 def _check_shift(sequences: Sequence, mu: float, batch_size: int) -> None:
@@ -171,12 +199,12 @@ def _check_shift(sequences: Sequence, mu: float, batch_size: int) -> None:
 
 
 def _token_shifts(model, reference, todo: list, batch_size: int, bar):
-    """Per-token KL and log-ratio over every response token of ``todo``, as
-    two float64 arrays in order."""
+    """Per-token KL, log-ratio and reference log-probability over every
+    response token of ``todo``, as three float64 arrays in order."""
     same = model is reference
     policy = ResponseLogits(model)
     base = policy if same else ResponseLogits(reference)
-    kls, ratios = [], []
+    kls, ratios, ref_logps = [], [], []
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
         inputs, targets, index = _response_batch(
@@ -192,14 +220,15 @@ def _token_shifts(model, reference, todo: list, batch_size: int, bar):
                 "a tokenizer"
             )
         picked = mx.array(targets.reshape(-1)[index])
-        kl, ratio = token_shift(logits, ref_logits, picked)
-        mx.eval(kl, ratio)
+        kl, ratio, ref_logp = _token_terms(logits, ref_logits, picked)
+        mx.eval(kl, ratio, ref_logp)
         kls.append(np.array(kl, np.float64))
         ratios.append(np.array(ratio, np.float64))
+        ref_logps.append(np.array(ref_logp, np.float64))
         bar.advance(len(chunk))
     if not kls:
-        return np.zeros(0), np.zeros(0)
-    return np.concatenate(kls), np.concatenate(ratios)
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    return np.concatenate(kls), np.concatenate(ratios), np.concatenate(ref_logps)
 
 
 def shift_stats(kl: np.ndarray, ratio: np.ndarray, mu: float) -> dict:

@@ -38,7 +38,7 @@ import numpy as np
 from rsa_mlx.eval.prompts import PromptRecord
 from rsa_mlx.eval.refusal import is_refusal, opens_with_refusal
 from rsa_mlx.eval.sampling import check_sampling, sample_with_ids
-from rsa_mlx.eval.shift import DEGENERATE_LOGPROB, fluency, model_shift
+from rsa_mlx.eval.shift import DEGENERATE_LOGPROB, fluency, shift_and_fluency
 from rsa_mlx.eval.text import repeats_itself
 from rsa_mlx.recipe.sets import HARMFUL, NAMES
 from rsa_mlx.study.evaluators import register_evaluator
@@ -86,6 +86,19 @@ def answer_scores(texts: list[str], logps: list[float]) -> list[dict]:
         }
         for t, lp in zip(texts, logps)
     ]
+
+
+def _flat(rows: list[list]) -> list:
+    return [x for row in rows for x in row]
+
+
+def _rows(flat: list, ids: list[list]) -> list[list]:
+    """``flat`` regrouped as ``ids`` is (one list per prompt)."""
+    out, at = [], 0
+    for pairs in ids:
+        out.append(flat[at : at + len(pairs)])
+        at += len(pairs)
+    return out
 
 
 def _mean(values) -> float:
@@ -199,40 +212,56 @@ class RecipeEvaluator:
         return self._reference
 
     def answers(self, model, tokenizer, label: str) -> dict:
-        """``{"metrics", "answers": {set: {decoding: [texts]}}, "scores"}``."""
+        """``{"metrics", "answers": {set: {decoding: [texts]}}, "scores"}``.
+
+        The model shift is measured on the last decoding's answers (the
+        sampled ones, if any), and the same forward passes of the base
+        model give those answers' fluency."""
         if not hasattr(self, "_sets"):
             self.check()
         base = self._base()
-        texts, scores, shift_ids = {}, {}, {decoding: [] for decoding in DECODINGS}
         decodings = DECODINGS if self.samples else DECODINGS[:1]
+        texts, scores, last = {}, {}, []
         for name, prompts in self._sets.items():
             records = [PromptRecord(p) for p in prompts]
             texts[name], scores[name] = {}, {}
             for decoding in decodings:
-                greedy = decoding == "greedy"
-                answers, ids = sample_with_ids(
-                    model,
-                    tokenizer,
-                    records,
-                    k=1 if greedy else self.samples,
-                    max_tokens=self.max_tokens,
-                    temperature=0.0 if greedy else self.temperature,
-                    seed=self.seed,
-                    label=f"{label}: {name}, {decoding}",
+                flat, ids = self._sample(
+                    model, tokenizer, records, decoding, f"{label}: {name}"
                 )
-                shift_ids[decoding] += [pair for pairs in ids for pair in pairs]
-                logps = fluency(base, tokenizer, records, answers)
-                flat = [t for row in answers for t in row]
                 texts[name][decoding] = flat
-                scores[name][decoding] = answer_scores(
-                    flat, [x for row in logps for x in row]
-                )
+                if decoding == decodings[-1]:
+                    last.append((name, ids))
+                else:
+                    logps = fluency(base, tokenizer, records, _rows(flat, ids))
+                    scores[name][decoding] = answer_scores(flat, _flat(logps))
+        on = [pair for _, ids in last for pairs in ids for pair in pairs]
+        shift, logps = shift_and_fluency(model, base, on)
+        for name, ids in last:
+            size = sum(len(pairs) for pairs in ids)
+            part, logps = logps[:size], logps[size:]
+            scores[name][decodings[-1]] = answer_scores(
+                texts[name][decodings[-1]], part
+            )
         metrics = flat_metrics(scores)
-        on = shift_ids[decodings[-1]]  # the sampled answers, if any
-        shift = model_shift(model, base, tokenizer, on, label=None)
         metrics["shift_kl"] = shift["kl_mean"]
         metrics["shift_kl_cvar"] = shift["kl_cvar"]
         return {"metrics": metrics, "answers": texts, "scores": scores}
+
+    def _sample(self, model, tokenizer, records, decoding: str, label: str):
+        """(flat texts, ids per prompt) of one set in one decoding."""
+        greedy = decoding == "greedy"
+        answers, ids = sample_with_ids(
+            model,
+            tokenizer,
+            records,
+            k=1 if greedy else self.samples,
+            max_tokens=self.max_tokens,
+            temperature=0.0 if greedy else self.temperature,
+            seed=self.seed,
+            label=f"{label}, {decoding}",
+        )
+        return [t for row in answers for t in row], ids
 
     def __call__(self, model, tokenizer, label: str) -> dict:
         return self.answers(model, tokenizer, label)["metrics"]
