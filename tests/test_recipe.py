@@ -526,3 +526,26 @@ def test_greedy_only_evaluation_is_accepted_and_reported_as_such():
     assert decodings(greedy) == ["greedy"]
     both = {"m": {"metrics": {"refusal_advbench_greedy": 0, "loops_benign_sampled": 0}}}
     assert decodings(both) == ["greedy", "sampled"]
+
+
+def test_stage1_is_evaluated_unless_switched_off(tmp_path):
+    from rsa_mlx.recipe.run import FREE, models_to_evaluate
+
+    runs = {"sacpo": tmp_path / "a", "rsa-cvar": tmp_path / "b"}
+    assert list(models_to_evaluate("m", runs)) == [
+        "base",
+        "stage1",
+        "sacpo",
+        "rsa-cvar",
+    ]
+    assert models_to_evaluate("m", runs)["stage1"]["adapter_path"] == str(
+        tmp_path / "a" / "reward"
+    )
+    assert list(models_to_evaluate("m", runs, stage1=False)) == [
+        "base",
+        "sacpo",
+        "rsa-cvar",
+    ]
+    assert "eval_stage1" in FREE  # a rerun may evaluate more or less
+    quick = settings.resolve_recipe({"harmful": "h"}, quick=True)
+    assert not quick.eval_stage1 and settings.RecipeConfig().eval_stage1

@@ -52,7 +52,7 @@ from rsa_mlx.util.errors import ConfigError, InputError, quote
 
 SETTINGS_FILE = "recipe.json"
 # Settings that change nothing already computed: they may differ on a rerun.
-FREE = ("out", "export", "methods")
+FREE = ("out", "export", "methods", "eval_stage1")
 
 
 def _step_done(path: Path, what: str) -> bool:
@@ -190,14 +190,13 @@ def train_methods(model_dir: str, data: Path, out: Path, cfg: RecipeConfig):
     return runs
 
 
-def models_to_evaluate(model_dir: str, runs: dict) -> dict[str, dict]:
+def models_to_evaluate(model_dir: str, runs: dict, stage1: bool = True) -> dict:
     """``name -> rsa_mlx.load`` arguments, in report order: the base model,
-    the first method's stage 1, then every method."""
+    the first method's stage 1 (when ``stage1``), then every method."""
     first = next(iter(runs.values()))
-    models = {
-        "base": {"model": model_dir},
-        "stage1": {"model": model_dir, "adapter_path": str(first / "reward")},
-    }
+    models = {"base": {"model": model_dir}}
+    if stage1:
+        models["stage1"] = {"model": model_dir, "adapter_path": str(first / "reward")}
     for name, run_dir in runs.items():
         models[name] = {"model": model_dir, "adapter_path": str(run_dir)}
     return models
@@ -254,7 +253,8 @@ def run(cfg: RecipeConfig) -> dict:
         check_gguf_exportable(model_dir)  # before hours of work, not after
     data = prepare_data(model_dir, cfg, out)
     runs = train_methods(model_dir, data, out, cfg)
-    results = evaluate_models(models_to_evaluate(model_dir, runs), data, out, cfg)
+    models = models_to_evaluate(model_dir, runs, cfg.eval_stage1)
+    results = evaluate_models(models, data, out, cfg)
     meta = {
         "model": cfg.model,
         "settings": dataclasses.asdict(cfg),

@@ -101,6 +101,9 @@ class RecipeConfig:
     )
     eval_max_tokens: int = setting(48, "Longest answer at evaluation.")
     eval_temperature: float = setting(0.8, "Temperature of the sampled answers.")
+    eval_stage1: bool = setting(
+        True, "Also evaluate the first method's stage-1 (helpfulness) model."
+    )
 
     def train_sizes(self) -> dict[str, int]:
         return {
@@ -177,18 +180,24 @@ def _at_least(key: str, value, low) -> None:
         raise ConfigError(f"{key}: must be at least {low}, got {value!r}")
 
 
-# The quick budget: a few minutes, and still the effect (see docs/real_model.md).
+# The quick budget: about ten minutes on 2 cores, and still the effect
+# (docs/real_model.md): fewer, shorter pairs at a higher learning rate, small
+# held-out sets, and no separate evaluation of stage 1.
 QUICK = {
     "methods": "rsa-cvar",
-    "advbench_train": 64,
-    "phrased_train": 48,
-    "benign_train": 24,
+    "advbench_train": 40,
+    "phrased_train": 56,
+    "benign_train": 8,
     "borderline_train": 40,
-    "advbench_eval": 32,
-    "phrased_eval": 32,
-    "benign_eval": 32,
-    "borderline_eval": 32,
+    "advbench_eval": 24,
+    "phrased_eval": 24,
+    "benign_eval": 24,
+    "borderline_eval": 24,
     "valid": 4,
+    "pair_max_tokens": 40,
+    "eval_max_tokens": 40,
+    "learning_rate": 1.5e-4,
+    "eval_stage1": False,
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(RecipeConfig)}
