@@ -282,9 +282,16 @@ def test_recipe_smoke_run_on_a_tiny_model_and_resume(tmp_path):
     assert "Examples (greedy)" in report and "RSA (CVaR)" in report
     assert (out / "export-hf" / "config.json").exists()
     assert (out / "aligned.gguf").stat().st_size > 0
+    # the time of every step, over all calls
+    saved = json.loads((out / "results.json").read_text())
+    steps = saved["steps"]
+    for step in ("pairs", "train sacpo", "train rsa-cvar", "evaluate base", "export"):
+        assert steps[step] > 0, step
+    assert saved["seconds"] == pytest.approx(sum(steps.values()))
     # a second run finds every step done and changes nothing
     stamp = (out / "runs" / "rsa-cvar" / "final" / "adapters.safetensors").stat()
     assert run(cfg) == summary
+    assert json.loads((out / "results.json").read_text())["steps"] == steps
     assert (
         out / "runs" / "rsa-cvar" / "final" / "adapters.safetensors"
     ).stat() == stamp

@@ -194,7 +194,10 @@ def write_report(out: Path, results: dict, meta: dict) -> str:
         "",
         f"Settings: {json.dumps(settings)}",
         "",
-        f"Wall time: {meta['seconds']:.0f} s.",
+        f"Time: {meta['seconds']:.0f} s over the steps done so far, summed over "
+        "every call that worked on them ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in meta.get("steps", {}).items())
+        + ").",
     ]
     save_text(out / "report.md", "\n".join(lines) + "\n")
     return headline(results, "greedy")

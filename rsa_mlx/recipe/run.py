@@ -30,6 +30,7 @@ import dataclasses
 import json
 import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from rsa_mlx.eval.sampling import check_sampling
@@ -51,8 +52,27 @@ from rsa_mlx.util.atomic import save_json, save_text
 from rsa_mlx.util.errors import ConfigError, InputError, quote
 
 SETTINGS_FILE = "recipe.json"
+TIMES_FILE = "times.json"
 # Settings that change nothing already computed: they may differ on a rerun.
 FREE = ("out", "export", "methods", "eval_stage1")
+
+
+@contextmanager
+def timed(out: Path, step: str):
+    """Add the seconds the block takes to ``step`` in ``out/times.json``, so
+    that a resumed recipe reports what every step cost over all its calls
+    (a step cut short by a kill loses its partial time)."""
+    tic = time.perf_counter()
+    yield
+    path = out / TIMES_FILE
+    times = json.loads(path.read_text()) if path.exists() else {}
+    times[step] = times.get(step, 0.0) + time.perf_counter() - tic
+    save_json(path, times)
+
+
+def step_times(out: Path) -> dict[str, float]:
+    path = out / TIMES_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _step_done(path: Path, what: str) -> bool:
@@ -88,7 +108,8 @@ def prepare_model(model: str, out: Path) -> str:
     target = out / "model"
     if not _step_done(target, "convert"):
         bars.echo(f"convert: {model} -> {target}")
-        gguf_to_hf(model, target, dtype="float32")
+        with timed(out, "convert"):
+            gguf_to_hf(model, target, dtype="float32")
     return str(target)
 
 
@@ -117,6 +138,13 @@ def prepare_data(model_dir: str, cfg: RecipeConfig, out: Path) -> Path:
     data = out / "data"
     if _step_done(data / "pairs.json", "pairs"):
         return data
+    with timed(out, "pairs"):
+        make_pairs(model_dir, cfg, data)
+    return data
+
+
+def make_pairs(model_dir: str, cfg: RecipeConfig, data: Path) -> None:
+    """The held-out prompts (``eval.jsonl``) and each stage's pairs."""
     sets = build_sets(
         read_harmful(cfg.harmful), cfg.train_sizes(), cfg.eval_sizes(), cfg.seed,
         rephrased=cfg.advbench_rephrased,
@@ -151,7 +179,6 @@ def prepare_data(model_dir: str, cfg: RecipeConfig, out: Path) -> Path:
             )
     save_json(data / "pairs.json", counts)
     bars.echo(f"pairs: {json.dumps(counts)}")
-    return data
 
 
 def method_settings(
@@ -186,7 +213,10 @@ def train_methods(model_dir: str, data: Path, out: Path, cfg: RecipeConfig):
             bars.echo(f"train {name}: done before, using {run_dir}")
             continue
         bars.echo(f"train {name}: {METHODS[name]}")
-        train(resolve(method_settings(cfg, name, model_dir, data, run_dir, started)))
+        with timed(out, f"train {name}"):
+            train(
+                resolve(method_settings(cfg, name, model_dir, data, run_dir, started))
+            )
     return runs
 
 
@@ -216,8 +246,9 @@ def evaluate_models(models: dict, data: Path, out: Path, cfg: RecipeConfig) -> d
             if cache.exists():
                 results[name] = json.loads(cache.read_text())
             else:
-                net, tokenizer = load(**spec)
-                found = evaluator.answers(net, tokenizer, name)
+                with timed(out, f"evaluate {name}"):
+                    net, tokenizer = load(**spec)
+                    found = evaluator.answers(net, tokenizer, name)
                 results[name] = {
                     "metrics": found["metrics"],
                     "answers": found["answers"],
@@ -233,10 +264,12 @@ def export_last(model_dir: str, runs: dict, out: Path) -> None:
     ``aligned.gguf`` (llama.cpp, Ollama); each skipped when it exists."""
     last = list(runs)[-1]
     if not (out / "export-hf").exists():
-        export_model(out / "export-hf", model=model_dir, adapter_path=runs[last])
+        with timed(out, "export"):
+            export_model(out / "export-hf", model=model_dir, adapter_path=runs[last])
         bars.echo(f"export: {out / 'export-hf'} ({last}; transformers can load it)")
     if not (out / "aligned.gguf").exists():
-        export_gguf(out / "aligned.gguf", model=model_dir, adapter_path=runs[last])
+        with timed(out, "export"):
+            export_gguf(out / "aligned.gguf", model=model_dir, adapter_path=runs[last])
         bars.echo(f"export: {out / 'aligned.gguf'} ({last}; llama.cpp and Ollama)")
 
 
@@ -259,13 +292,19 @@ def run(cfg: RecipeConfig) -> dict:
         "model": cfg.model,
         "settings": dataclasses.asdict(cfg),
         "pairs": json.loads((data / "pairs.json").read_text()),
-        "seconds": time.perf_counter() - tic,
+        "seconds": sum(step_times(out).values()),
+        "steps": step_times(out),
     }
     table = write_report(out, results, meta)
     bars.echo("\n" + table)
     if cfg.export:
         export_last(model_dir, runs, out)
     summary = {n: r["metrics"] for n, r in results.items()}
+    meta["steps"] = step_times(out)  # the export's too
+    meta["seconds"] = sum(meta["steps"].values())
     save_json(out / "results.json", {**meta, "results": summary})
-    bars.echo(f"wall time {meta['seconds']:.0f}s; report: {out / 'report.md'}")
+    bars.echo(
+        f"wall time {time.perf_counter() - tic:.0f}s (every step over all calls: "
+        f"{meta['seconds']:.0f}s); report: {out / 'report.md'}"
+    )
     return summary
