@@ -11,7 +11,7 @@ import pytest
 
 from rsa_mlx.recipe import seeds
 from rsa_mlx.util.errors import ConfigError, InputError
-from tests.test_recipe import TINY, tiny_recipe
+from tests.recipe_tiny import TINY, tiny_recipe
 
 T975_2DF = 4.302653  # t_{0.975, 2}, three seeds
 
