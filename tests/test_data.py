@@ -124,6 +124,11 @@ def test_folder_splits_stage_folders_and_compressed(tmp_path):
             "train.jsonl:1: 'prompt'[0] must be a message",
         ),
         (
+            '{"prompt": "p", "chosen": "a", "rejected": "b", '
+            '"chosen_truncated": "yes"}\n',
+            "train.jsonl:1: field 'chosen_truncated' must be true or false, got 'yes'",
+        ),
+        (
             '["not", "an", "object"]\n',
             "train.jsonl:1: expected a JSON object, got list",
         ),
@@ -253,6 +258,33 @@ def test_hub_dataset_id_offline_from_cache(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------- tokenising
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_a_truncated_response_has_no_end_of_turn_token(
+    chat, chat_tok, plain_tok, tmp_path
+):
+    tok = chat_tok if chat else plain_tok
+    rows = [
+        {"prompt": "Hi", "chosen": "Hello there. I can help", "rejected": "No.",
+         "chosen_truncated": True},
+        {"prompt": "Yo", "chosen": "Sure.", "rejected": "Never, because it",
+         "rejected_truncated": True, "chosen_truncated": False},
+        {"prompt": "Hey", "chosen": "Fine.", "rejected": "Go."},
+    ]  # fmt: skip
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs, _ = D.load_pairs(tmp_path)
+    assert [(p.chosen_truncated, p.rejected_truncated) for p in pairs] == [
+        (True, False), (False, True), (False, False),
+    ]  # fmt: skip
+    enc = D.encode_pairs(pairs, tok, max_length=512)
+    eot = D.end_of_turn_id(tok)
+    for i, row in enumerate(rows):
+        for side in ("chosen", "rejected"):
+            ids = tok.encode(row[side], add_special_tokens=False)
+            cut = row.get(f"{side}_truncated", False)
+            want = ids if cut else [*ids, eot]
+            assert getattr(enc, side)[i].tolist() == want, (i, side)
 
 
 def decode(tok, ids):

@@ -6,8 +6,9 @@ too (:class:`Pair`, :class:`LoadReport`, :func:`load_pairs`,
 :func:`parse_row`, :func:`resolve_source`, :class:`DataError`).
 
 Tokenisation applies the chat template once to the prompt (with the
-generation prompt) and appends the response tokens and the end-of-turn token;
-the loss mask covers exactly those appended tokens. Over-long pairs keep the
+generation prompt) and appends the response tokens and the end-of-turn token
+(not after a response the row marks truncated); the loss mask covers exactly
+those appended tokens. Over-long pairs keep the
 prompt's end and the responses' start (:func:`truncate`).
 """
 
@@ -115,7 +116,8 @@ def encode_prompt(tokenizer, pair: Pair) -> list[int]:
 @dataclass
 class Encoded:
     """Token ids of every pair: prompt, chosen and rejected responses (each
-    response ending with the end-of-turn token when not truncated)."""
+    response ending with the end-of-turn token unless the row marks it
+    truncated or :func:`truncate` cut it)."""
 
     prompts: list[np.ndarray]
     chosen: list[np.ndarray]
@@ -147,6 +149,13 @@ def truncate(
     return prompt, chosen[:room], rejected[:room]
 
 
+def _response(tokenizer, text: str, truncated: bool, eot: int) -> list[int]:
+    """A response's tokens, then the end-of-turn token unless it was cut
+    short (a model trained to stop where a generation limit cut would)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids if truncated else [*ids, eot]
+
+
 def encode_pairs(pairs: Sequence[Pair], tokenizer, max_length: int) -> Encoded:
     """Tokenise pairs; count truncations and pairs dropped after truncation."""
     if max_length < 2:
@@ -157,8 +166,8 @@ def encode_pairs(pairs: Sequence[Pair], tokenizer, max_length: int) -> Encoded:
         prompt = encode_prompt(tokenizer, pair)
         if not prompt:
             raise DataError(f"{pair.where}: the prompt encodes to no tokens")
-        chosen = [*tokenizer.encode(pair.chosen, add_special_tokens=False), eot]
-        rejected = [*tokenizer.encode(pair.rejected, add_special_tokens=False), eot]
+        chosen = _response(tokenizer, pair.chosen, pair.chosen_truncated, eot)
+        rejected = _response(tokenizer, pair.rejected, pair.rejected_truncated, eot)
         p, c, r = truncate(prompt, chosen, rejected, max_length)
         if len(p) < len(prompt):
             out.report["prompt truncated"] += 1

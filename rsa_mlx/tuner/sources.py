@@ -4,7 +4,10 @@ Two row layouts are accepted, in ``.jsonl`` or ``.json`` (a list of rows),
 optionally compressed (``.jsonl.xz``, ``.jsonl.gz``):
 
 * preference rows ``{"prompt": str | [messages], "chosen": str,
-  "rejected": str, "system"?: str}``;
+  "rejected": str, "system"?: str, "chosen_truncated"?: bool,
+  "rejected_truncated"?: bool}``; a response marked truncated was cut short
+  (e.g. by a generation's token limit) and is trained on without the
+  end-of-turn token, so the model is not taught to stop where it was cut;
 * PKU-SafeRLHF rows ``{"prompt", "response_0", "response_1",
   "better_response_id", "safer_response_id", ...}``: helpfulness pairs from
   ``better_response_id`` (stage ``reward``), safety pairs from
@@ -53,6 +56,8 @@ class Pair:
     rejected: str
     system: str | None = None
     where: str = ""  # "file:line", for messages
+    chosen_truncated: bool = False  # cut short: no end-of-turn token after it
+    rejected_truncated: bool = False
 
 
 @dataclass
@@ -158,6 +163,16 @@ def text_field(row: dict, key: str, where: str, optional: bool = False) -> str |
     return value
 
 
+def flag_field(row: dict, key: str, where: str) -> bool:
+    """An optional JSON boolean (absent or null: false)."""
+    value = row.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise DataError(f"{where}: field {key!r} must be true or false, got {value!r}")
+    return value
+
+
 def _message(m: object, where: str, i: int) -> dict:
     """Check chat message ``i`` of a prompt: ``{"role": str, "content": str}``."""
     name = f"'prompt'[{i}]"
@@ -230,7 +245,8 @@ def parse_row(row: object, where: str, stage: str | None) -> Pair | str:
         return "equal responses"
     if not chosen:
         return "empty chosen response"
-    return Pair(prompt, chosen, rejected, system, where)
+    cut = [flag_field(row, f"{k}_truncated", where) for k in ("chosen", "rejected")]
+    return Pair(prompt, chosen, rejected, system, where, *cut)
 
 
 # --------------------------------------------------------------------------
