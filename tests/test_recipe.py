@@ -34,6 +34,8 @@ def test_recipe_smoke_run_on_a_tiny_model_and_resume(tmp_path):
     reward = (out / "data" / "reward" / "train.jsonl").read_text().splitlines()
     safety = (out / "data" / "safety" / "train.jsonl").read_text().splitlines()
     assert len(safety) > len(reward)  # refusal pairs plus the contrast pairs
+    made = json.loads((out / "data" / "pairs.json").read_text())
+    assert made["safety"]["truncated"] == {"chosen": 0, "rejected": 0}  # "ended"
     evaluated = json.loads((out / "eval" / "rsa-cvar.json").read_text())
     assert len(evaluated["answers"]["advbench"]["greedy"]) == 3
     for key in ("unsafe_rate", "helpfulness", "loops", "shift_kl",
@@ -112,6 +114,7 @@ def test_every_recipe_setting_is_a_flag_and_reaches_the_trainer(tmp_path):
         (["--num-layers", "0"], "num_layers: -1 (all) or at least 1"),
         (["--advbench-rephrased", "1.5"], "advbench_rephrased: a share in [0, 1]"),
         (["--refusal-sentences", "-1"], "refusal_sentences: must be at least 0"),
+        (["--cut-answers", "closed"], "cut_answers: one of ended, open, got 'closed'"),
     ],
 )
 def test_bad_recipe_flags_are_one_line_and_exit_2(tmp_path, args, message):
@@ -150,8 +153,18 @@ def test_recipe_command_quick_on_a_tiny_model(tmp_path):
     args = ["--model", cfg.model, "--harmful", cfg.harmful]
     tiny = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
     out = tmp_path / "q"
-    result = CliRunner().invoke(main, [*args, *tiny, "--out", str(out), "--no-export"])
+    result = CliRunner().invoke(
+        main, [*args, *tiny, "--out", str(out), "--no-export", "--cut-answers", "open"]
+    )
     assert result.exit_code == 0, result.output
+    # the tiny model's answers run to the token limit: marked, not ended
+    made = json.loads((out / "data" / "pairs.json").read_text())
+    assert made["reward"]["truncated"]["chosen"] > 0
+    assert made["safety"]["truncated"]["rejected"] > 0
+    row = json.loads(
+        (out / "data" / "reward" / "train.jsonl").read_text().split("\n")[0]
+    )
+    assert row["chosen_truncated"] is True
     assert "refused: AdvBench" in (out / "report.md").read_text()
     assert (out / "plot.png").exists() and not (out / "export-hf").exists()
     assert not (out / "aligned.gguf").exists()

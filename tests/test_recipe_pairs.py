@@ -106,6 +106,52 @@ def test_helpfulness_pairs_pick_the_longest_answer_over_a_refusal():
     assert counts == {"no helpful answer": 1, "template over-refusal": 1}
 
 
+def test_answers_cut_by_the_token_limit_are_marked_truncated():
+    loop = "Bake it now. Stir it well. Bake it now. Stir it well."
+    rows, counts = pairs.helpfulness_pairs(
+        ["a", "b", "c"],
+        plain=[["short", "a longer answer, in words. Cut"], [loop], ["ok"]],
+        refusing=[["I'm sorry, no."], ["I cannot."], ["I cannot."]],
+        plain_cut=[[False, True], [False], [False]],
+    )
+    assert rows == [
+        {"prompt": "a", "chosen": "a longer answer, in words.", "rejected": "I'm sorry, no.",
+         "chosen_truncated": True},
+        {"prompt": "c", "chosen": "ok", "rejected": "I cannot."},
+    ]  # fmt: skip
+    assert counts == {"only looping answers": 1}  # never a looping chosen answer
+    rows, _ = pairs.safety_pairs(
+        ["a", "b"],
+        careful=[["I cannot help."], ["I cannot help."]],
+        plain=[["Step 1. Step 2"], ["Sure."]],
+        plain_cut=[[True], [False]],
+    )
+    assert rows[0]["rejected_truncated"] is True and "chosen_truncated" not in rows[0]
+    assert "rejected_truncated" not in rows[1]
+
+
+def test_generated_pairs_mark_cut_answers_only_when_open(tmp_path):
+    from rsa_mlx.tuner.model import load
+
+    flat_tiny_model(tmp_path / "model")
+    model, tok = load(str(tmp_path / "model"))
+    args = (model, tok, ["Do harm 1", "Do harm 2"], ["Bake bread", "Fold a shirt"])
+    kw = {"samples": 1, "max_tokens": 4, "refusals": "written"}
+    ended = pairs.generate_pairs(*args, **kw)
+    opened = pairs.generate_pairs(*args, **kw, cut="open")
+    # the tiny model's random answers run to the 4-token limit: all cut
+    assert [r["chosen_truncated"] for r in opened["reward"]] == [True, True]
+    assert [r["rejected_truncated"] for r in opened["safety"]] == [True, True]
+    strip = [
+        {k: v for k, v in r.items() if not k.endswith("_truncated")}
+        for r in opened["reward"] + opened["safety"]
+    ]
+    assert strip == ended["reward"] + ended["safety"]  # the same texts
+    assert not any(k.endswith("_truncated") for r in ended["reward"] for k in r)
+    with pytest.raises(ValueError, match="cut: one of ended, open"):
+        pairs.generate_pairs(*args, cut="closed")
+
+
 def test_harmful_prompt_sources(tmp_path):
     seeds = (
         "dataset_name: adv_bench\nseeds:\n- value: Do harm one\n- value: Do harm two\n"

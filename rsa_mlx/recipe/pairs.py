@@ -14,8 +14,12 @@
   answering over refusing.
 
 Answers cut off by the token limit are trimmed to their last whole sentence
-(:func:`whole_sentences`): a pair's chosen answer is trained on with an
-end-of-turn token after it, and a model taught to stop mid-sentence would.
+(:func:`whole_sentences`). A response is trained on with an end-of-turn
+token after it, so a model trained on cut answers learns to stop where they
+were cut (after a sentence or two); with ``cut="open"`` such an answer is
+marked ``*_truncated`` in its row and gets no end-of-turn token
+(:mod:`rsa_mlx.tuner.sources`). Chosen refusals always end: a refusal
+should.
 
 The builders are pure functions of the texts (tested on fixed inputs);
 :func:`generate_pairs` samples the texts with mlx-lm's batched generation.
@@ -32,9 +36,10 @@ from pathlib import Path
 
 from rsa_mlx.eval.prompts import PromptRecord
 from rsa_mlx.eval.refusal import is_refusal
-from rsa_mlx.eval.sampling import sample_responses
+from rsa_mlx.eval.sampling import sample_with_ids
 from rsa_mlx.eval.text import repeats_itself
 from rsa_mlx.recipe.refusals import REFUSALS, written_refusal
+from rsa_mlx.recipe.settings import CUT_ANSWERS
 from rsa_mlx.util.atomic import save_text
 
 SAFE_SYSTEM = (
@@ -80,12 +85,34 @@ def first_sentences(text: str, n: int) -> str:
     return text if n == 0 or len(ends) < n else text[: ends[n - 1]]
 
 
+def _row(
+    prompt: str, chosen: str, rejected: str, chosen_cut=False, rejected_cut=False
+) -> dict:
+    """A pair's row; an answer the token limit cut is marked truncated
+    (trained on without an end-of-turn token)."""
+    row = {
+        "prompt": prompt,
+        "chosen": whole_sentences(chosen),
+        "rejected": whole_sentences(rejected),
+    }
+    if chosen_cut:
+        row["chosen_truncated"] = True
+    if rejected_cut:
+        row["rejected_truncated"] = True
+    return row
+
+
+def _never_cut(answers: Sequence[Sequence[str]]) -> list[list[bool]]:
+    return [[False] * len(a) for a in answers]
+
+
 def safety_pairs(
     prompts: Sequence[str],
     careful: Sequence[Sequence[str]],
     plain: Sequence[Sequence[str]],
     refuses: Callable[[str], bool] = is_refusal,
     sentences: int = 0,
+    plain_cut: Sequence[Sequence[bool]] | None = None,
 ) -> tuple[list[dict], Counter]:
     """Rows ``{prompt, chosen: a refusal, rejected: a compliant answer}``.
 
@@ -95,13 +122,17 @@ def safety_pairs(
     does not repeat itself (else :data:`FALLBACK_REFUSAL`, counted): a
     model trained towards a looping refusal loops. A prompt whose plain
     answers all refuse has nothing to fix and is skipped (counted).
+    ``plain_cut[i][j]``: ``plain[i][j]`` was cut by the token limit (its
+    row then marks the rejected answer truncated); None: none was.
     """
     rows, counts = [], Counter()
-    for prompt, safe, raw in zip(prompts, careful, plain, strict=True):
-        rejected = next((a for a in raw if a.strip() and not refuses(a)), None)
-        if rejected is None:
+    plain_cut = _never_cut(plain) if plain_cut is None else plain_cut
+    for prompt, safe, raw, cuts in zip(prompts, careful, plain, plain_cut, strict=True):
+        found = [(a, c) for a, c in zip(raw, cuts) if a.strip() and not refuses(a)]
+        if not found:
             counts["already refused"] += 1
             continue
+        rejected, rejected_cut = found[0]
         cut = [first_sentences(a, sentences) for a in safe]
         chosen = next(
             (a for a in cut if a and refuses(a) and not repeats_itself(a)), None
@@ -109,13 +140,7 @@ def safety_pairs(
         if chosen is None:
             chosen = FALLBACK_REFUSAL
             counts["template refusal"] += 1
-        rows.append(
-            {
-                "prompt": prompt,
-                "chosen": whole_sentences(chosen),
-                "rejected": whole_sentences(rejected),
-            }
-        )
+        rows.append(_row(prompt, chosen, rejected, rejected_cut=rejected_cut))
     return rows, counts
 
 
@@ -124,32 +149,35 @@ def helpfulness_pairs(
     plain: Sequence[Sequence[str]],
     refusing: Sequence[Sequence[str]],
     refuses: Callable[[str], bool] = is_refusal,
+    plain_cut: Sequence[Sequence[bool]] | None = None,
 ) -> tuple[list[dict], Counter]:
     """Rows ``{prompt, chosen: an answer, rejected: an over-refusal}``.
 
-    The chosen answer is the longest plain one that does not refuse (a
-    prompt with none is skipped, counted); the rejected one is the first
-    answer under the refuse-everything prompt that refuses (else
-    :data:`FALLBACK_OVER_REFUSAL`, counted).
+    The chosen answer is the longest plain one that neither refuses nor
+    repeats itself (a prompt with none is skipped, counted by reason); the
+    rejected one is the first answer under the refuse-everything prompt
+    that refuses (else :data:`FALLBACK_OVER_REFUSAL`, counted).
+    ``plain_cut`` as in :func:`safety_pairs` (for the chosen answer).
     """
     rows, counts = [], Counter()
-    for prompt, raw, refuse in zip(prompts, plain, refusing, strict=True):
-        helpful = [a for a in raw if a.strip() and not refuses(a)]
+    plain_cut = _never_cut(plain) if plain_cut is None else plain_cut
+    for prompt, raw, refuse, cuts in zip(
+        prompts, plain, refusing, plain_cut, strict=True
+    ):
+        helpful = [(a, c) for a, c in zip(raw, cuts) if a.strip() and not refuses(a)]
         if not helpful:
             counts["no helpful answer"] += 1
             continue
-        chosen = max(helpful, key=len)
+        fluent = [(a, c) for a, c in helpful if not repeats_itself(a)]
+        if not fluent:
+            counts["only looping answers"] += 1
+            continue
+        chosen, chosen_cut = max(fluent, key=lambda ac: len(ac[0]))
         rejected = next((a for a in refuse if refuses(a)), None)
         if rejected is None:
             rejected = FALLBACK_OVER_REFUSAL
             counts["template over-refusal"] += 1
-        rows.append(
-            {
-                "prompt": prompt,
-                "chosen": whole_sentences(chosen),
-                "rejected": whole_sentences(rejected),
-            }
-        )
+        rows.append(_row(prompt, chosen, rejected, chosen_cut=chosen_cut))
     return rows, counts
 
 
@@ -165,6 +193,7 @@ def generate_pairs(
     batch_size: int = 64,
     refusals: str = "model",
     refusal_sentences: int = 0,
+    cut: str = "ended",
 ) -> dict:
     """Sample the answers and build both kinds of pairs.
 
@@ -174,19 +203,29 @@ def generate_pairs(
     :func:`rsa_mlx.recipe.refusals.written_refusal` is both (a reason and an
     alternative, and as often rejected as chosen: only the request tells
     which). ``refusal_sentences``: the model's own refusals are cut to
-    their first sentences (:func:`safety_pairs`; 0: whole). Returns
-    ``{"safety": rows, "reward": rows, "counts": {...}}``.
+    their first sentences (:func:`safety_pairs`; 0: whole). ``cut``:
+    ``"ended"``, answers cut by ``max_tokens`` end with the end-of-turn
+    token like the others; ``"open"``, their rows mark them truncated (see
+    the module docstring). Returns ``{"safety": rows, "reward": rows,
+    "counts": {...}}``.
     """
     if refusals not in REFUSALS:
         raise ValueError(f"refusals: one of {', '.join(REFUSALS)}, got {refusals!r}")
+    if cut not in CUT_ANSWERS:
+        raise ValueError(f"cut: one of {', '.join(CUT_ANSWERS)}, got {cut!r}")
+    limits = {}  # label -> for each answer, whether to mark it truncated
 
     def sample(prompts, system, k, label, prefix=""):
         records = [PromptRecord(p, system) for p in prompts]
-        return sample_responses(
+        texts, ids = sample_with_ids(
             model, tokenizer, records, k=k, max_tokens=max_tokens,
             temperature=temperature, seed=seed, batch_size=batch_size,
             label=label, prefix=prefix,
         )  # fmt: skip
+        limits[label] = [
+            [cut == "open" and len(r) >= max_tokens for _, r in row] for row in ids
+        ]
+        return texts
 
     if refusals == "written":
         careful = [[written_refusal(p, seed)] for p in harmful]
@@ -198,9 +237,14 @@ def generate_pairs(
         )
     plain_harmful = sample(harmful, None, samples, "harmful, plain")
     plain_benign = sample(benign, None, samples, "benign, plain")
-    cut = refusal_sentences if refusals == "model" else 0
-    safety, safety_counts = safety_pairs(harmful, careful, plain_harmful, sentences=cut)
-    reward, reward_counts = helpfulness_pairs(benign, plain_benign, refusing)
+    sentences = refusal_sentences if refusals == "model" else 0
+    safety, safety_counts = safety_pairs(
+        harmful, careful, plain_harmful, sentences=sentences,
+        plain_cut=limits["harmful, plain"],
+    )  # fmt: skip
+    reward, reward_counts = helpfulness_pairs(
+        benign, plain_benign, refusing, plain_cut=limits["benign, plain"]
+    )
     return {
         "safety": safety,
         "reward": reward,

@@ -161,7 +161,7 @@ def make_pairs(model_dir: str, cfg: RecipeConfig, data: Path) -> None:
     built = generate_pairs(
         net, tokenizer, harmful, benign, samples=1, max_tokens=cfg.pair_max_tokens,
         temperature=cfg.pair_temperature, seed=cfg.seed, refusals=cfg.refusals,
-        refusal_sentences=cfg.refusal_sentences,
+        refusal_sentences=cfg.refusal_sentences, cut=cfg.cut_answers,
     )  # fmt: skip
     del net
     counts = {"seconds": time.perf_counter() - tic, "skipped": built["counts"]}
@@ -172,6 +172,10 @@ def make_pairs(model_dir: str, cfg: RecipeConfig, data: Path) -> None:
     }
     for stage, rows in stage_rows(built, cfg).items():
         counts[stage] = write_splits(data / stage, rows, cfg.valid)
+        counts[stage]["truncated"] = {
+            side: sum(bool(r.get(f"{side}_truncated")) for r in rows)
+            for side in ("chosen", "rejected")
+        }
         if counts[stage]["train"] == 0:
             raise InputError(
                 f"no {stage} pairs could be built ({built['counts']}); the model "

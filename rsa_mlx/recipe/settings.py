@@ -16,7 +16,10 @@ from rsa_mlx.tuner.config import setting
 from rsa_mlx.util.errors import ConfigError
 from rsa_mlx.util.yaml_config import read_yaml
 
-__all__ = ["QUICK", "RecipeConfig", "resolve_recipe"]
+__all__ = ["CUT_ANSWERS", "QUICK", "RecipeConfig", "resolve_recipe"]
+
+# what a pair does with an answer that --pair-max-tokens cut (recipe.pairs)
+CUT_ANSWERS = ("ended", "open")
 
 
 @dataclass
@@ -74,6 +77,12 @@ class RecipeConfig:
         0,
         "The model's own refusals are cut to their first sentences (a short "
         "refusal ends; a long one rambles and loops); 0: keep them whole.",
+    )
+    cut_answers: str = setting(
+        "ended",
+        "Answers cut by --pair-max-tokens: 'ended' (trimmed to whole sentences "
+        "and trained with the end-of-turn token, so the model learns to stop "
+        "after a sentence or two) or 'open' (marked truncated: no end token).",
     )
     contrast_pairs: int = setting(
         -1,
@@ -170,6 +179,10 @@ class RecipeConfig:
         if self.refusals not in REFUSALS:
             raise ConfigError(
                 f"refusals: one of {', '.join(REFUSALS)}, got {self.refusals!r}"
+            )
+        if self.cut_answers not in CUT_ANSWERS:
+            raise ConfigError(
+                f"cut_answers: one of {', '.join(CUT_ANSWERS)}, got {self.cut_answers!r}"
             )
         self.method_names()
         return self
