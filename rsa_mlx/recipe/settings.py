@@ -193,9 +193,13 @@ def _at_least(key: str, value, low) -> None:
         raise ConfigError(f"{key}: must be at least {low}, got {value!r}")
 
 
-# The quick budget: about ten minutes on 2 cores, and still the effect
-# (docs/real_model.md): fewer, shorter pairs at a higher learning rate, small
-# held-out sets, and no separate evaluation of stage 1.
+# The quick budget: minutes on 2 cores, and still the effect (measured in
+# docs/real_model/experiments.md): fewer, shorter pairs at a higher learning
+# rate, small held-out sets, no separate evaluation of stage 1. In so few
+# steps a model half-way to the written refusals loops (33% at batch 4 and
+# NLL weight 1), so: twice the updates for the same tokens (batch 2), twice
+# the pull towards the chosen answer, and cut answers left open (without
+# that the model learns to stop after a sentence).
 QUICK = {
     "methods": "rsa-cvar",
     "advbench_train": 40,
@@ -210,6 +214,9 @@ QUICK = {
     "pair_max_tokens": 40,
     "eval_max_tokens": 40,
     "learning_rate": 1.5e-4,
+    "batch_size": 2,
+    "sft_weight": 2.0,
+    "cut_answers": "open",
     "eval_stage1": False,
 }
 
