@@ -35,7 +35,9 @@ def test_recipe_smoke_run_on_a_tiny_model_and_resume(tmp_path):
     safety = (out / "data" / "safety" / "train.jsonl").read_text().splitlines()
     assert len(safety) > len(reward)  # refusal pairs plus the contrast pairs
     made = json.loads((out / "data" / "pairs.json").read_text())
-    assert made["safety"]["truncated"] == {"chosen": 0, "rejected": 0}  # "ended"
+    # the default leaves cut answers open: the tiny model's run to the limit
+    assert made["reward"]["truncated"]["chosen"] > 0
+    assert made["safety"]["truncated"]["rejected"] > 0
     evaluated = json.loads((out / "eval" / "rsa-cvar.json").read_text())
     assert len(evaluated["answers"]["advbench"]["greedy"]) == 3
     for key in ("unsafe_rate", "helpfulness", "loops", "shift_kl",
@@ -154,17 +156,16 @@ def test_recipe_command_quick_on_a_tiny_model(tmp_path):
     tiny = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
     out = tmp_path / "q"
     result = CliRunner().invoke(
-        main, [*args, *tiny, "--out", str(out), "--no-export", "--cut-answers", "open"]
+        main, [*args, *tiny, "--out", str(out), "--no-export", "--cut-answers", "ended"]
     )
     assert result.exit_code == 0, result.output
-    # the tiny model's answers run to the token limit: marked, not ended
+    # answers cut by the token limit, ended: nothing marked truncated
     made = json.loads((out / "data" / "pairs.json").read_text())
-    assert made["reward"]["truncated"]["chosen"] > 0
-    assert made["safety"]["truncated"]["rejected"] > 0
+    assert made["reward"]["truncated"] == {"chosen": 0, "rejected": 0}
     row = json.loads(
         (out / "data" / "reward" / "train.jsonl").read_text().split("\n")[0]
     )
-    assert row["chosen_truncated"] is True
+    assert "chosen_truncated" not in row
     assert "refused: AdvBench" in (out / "report.md").read_text()
     assert (out / "plot.png").exists() and not (out / "export-hf").exists()
     assert not (out / "aligned.gguf").exists()

@@ -79,10 +79,10 @@ class RecipeConfig:
         "refusal ends; a long one rambles and loops); 0: keep them whole.",
     )
     cut_answers: str = setting(
-        "ended",
-        "Answers cut by --pair-max-tokens: 'ended' (trimmed to whole sentences "
-        "and trained with the end-of-turn token, so the model learns to stop "
-        "after a sentence or two) or 'open' (marked truncated: no end token).",
+        "open",
+        "Answers cut by --pair-max-tokens: 'open' (marked truncated: trained "
+        "without the end-of-turn token) or 'ended' (with it, so the model "
+        "learns to stop after a sentence or two).",
     )
     contrast_pairs: int = setting(
         -1,
@@ -92,13 +92,15 @@ class RecipeConfig:
     valid: int = setting(16, "Pairs held out for validation, per stage.")
     # training (both stages, every method)
     epochs: float = setting(1.0, "Epochs per stage.")
-    batch_size: int = setting(4, "Preference pairs per batch.")
+    batch_size: int = setting(
+        2, "Preference pairs per batch (2: twice the updates of 4, same tokens)."
+    )
     learning_rate: float = setting(5e-5, "Learning rate (warm-up, then cosine).")
     bias_correction: bool = setting(False, "Adam's bias correction (as torch).")
     beta: float = setting(0.1, "Stage-1 (helpfulness) temperature.")
     safety_beta: float = setting(0.1, "Stage-2 (safety) temperature.")
     sft_weight: float = setting(
-        1.0, "Weight of the NLL term on the chosen answer (RPO); 0: none."
+        2.0, "Weight of the NLL term on the chosen answer (RPO); 0: none."
     )
     num_layers: int = setting(-1, "Blocks with LoRA, from the top; -1: all.")
     lora_rank: int = setting(8, "LoRA rank.")
@@ -195,11 +197,9 @@ def _at_least(key: str, value, low) -> None:
 
 # The quick budget: minutes on 2 cores, and still the effect (measured in
 # docs/real_model/experiments.md): fewer, shorter pairs at a higher learning
-# rate, small held-out sets, no separate evaluation of stage 1. In so few
-# steps a model half-way to the written refusals loops (33% at batch 4 and
-# NLL weight 1), so: twice the updates for the same tokens (batch 2), twice
-# the pull towards the chosen answer, and cut answers left open (without
-# that the model learns to stop after a sentence).
+# rate, small held-out sets, no separate evaluation of stage 1. (At batch 4
+# and NLL weight 1, its model was half-way to the written refusals and
+# looped in 33% of its answers.)
 QUICK = {
     "methods": "rsa-cvar",
     "advbench_train": 40,
@@ -214,9 +214,6 @@ QUICK = {
     "pair_max_tokens": 40,
     "eval_max_tokens": 40,
     "learning_rate": 1.5e-4,
-    "batch_size": 2,
-    "sft_weight": 2.0,
-    "cut_answers": "open",
     "eval_stage1": False,
 }
 
