@@ -40,6 +40,12 @@ def _cell(value, percent=True) -> str:
     return f"{100 * value:.1f}%" if percent else f"{value:.2f}"
 
 
+def worst_set(metrics: dict, key: str, decoding: str) -> float | None:
+    """The largest ``key`` (e.g. loops) over the held-out sets measured."""
+    found = [metrics.get(f"{key}_{name}_{decoding}") for name in NAMES]
+    return max((v for v in found if v is not None), default=None)
+
+
 def headline(results: dict, decoding: str) -> str:
     """One row per model: refusal on each harmful set, over-refusal on each
     benign set, benign fluency, the worst loop and degenerate rates, shift."""
@@ -55,12 +61,7 @@ def headline(results: dict, decoding: str) -> str:
         def get(key, name_, m=m):
             return m.get(f"{key}_{name_}_{decoding}")
 
-        worst = {
-            key: max(
-                (get(key, s) for s in NAMES if get(key, s) is not None), default=None
-            )
-            for key in ("loops", "degenerate")
-        }
+        worst = {k: worst_set(m, k, decoding) for k in ("loops", "degenerate")}
         cells = [
             _cell(get("refusal", "advbench")),
             _cell(get("refusal", "phrased")),

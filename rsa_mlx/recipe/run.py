@@ -64,13 +64,13 @@ def timed(out: Path, step: str):
     (a step cut short by a kill loses its partial time)."""
     tic = time.perf_counter()
     yield
-    path = out / TIMES_FILE
-    times = json.loads(path.read_text()) if path.exists() else {}
+    times = step_times(out)
     times[step] = times.get(step, 0.0) + time.perf_counter() - tic
-    save_json(path, times)
+    save_json(out / TIMES_FILE, times)
 
 
 def step_times(out: Path) -> dict[str, float]:
+    """``out/times.json``: seconds per step over every call so far."""
     path = out / TIMES_FILE
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -296,9 +296,9 @@ def run(cfg: RecipeConfig) -> dict:
         "model": cfg.model,
         "settings": dataclasses.asdict(cfg),
         "pairs": json.loads((data / "pairs.json").read_text()),
-        "seconds": sum(step_times(out).values()),
-        "steps": step_times(out),
     }
+    meta["steps"] = step_times(out)
+    meta["seconds"] = sum(meta["steps"].values())
     table = write_report(out, results, meta)
     bars.echo("\n" + table)
     if cfg.export:

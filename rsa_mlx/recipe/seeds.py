@@ -16,9 +16,8 @@ import json
 import math
 from pathlib import Path
 
-from rsa_mlx.recipe.report import TITLES
+from rsa_mlx.recipe.report import TITLES, worst_set
 from rsa_mlx.recipe.run import FREE, run
-from rsa_mlx.recipe.sets import NAMES
 from rsa_mlx.recipe.settings import RecipeConfig
 from rsa_mlx.study.stats import NONNEGATIVE, PROBABILITY, Interval, mean_ci
 from rsa_mlx.util import progress
@@ -69,8 +68,8 @@ def measures(metrics: dict, base: dict, decoding: str = "greedy") -> dict:
         return math.nan if value is None else float(value)
 
     def worst(key):
-        found = [v for n in NAMES if not math.isnan(v := get(metrics, key, n))]
-        return max(found, default=math.nan)
+        value = worst_set(metrics, key, decoding)
+        return math.nan if value is None else float(value)
 
     fluency = get(metrics, "fluency", "benign")
     return {
