@@ -17,6 +17,7 @@ from mlx_lm.utils import load as mlx_load
 from rsa_mlx.cli import main as cli
 from rsa_mlx.eval import evaluate as ev
 from rsa_mlx.eval import prompts, sampling
+from rsa_mlx.eval import shift as shift_module
 from rsa_mlx.eval.shift import (
     _response_batch,
     model_shift,
@@ -233,6 +234,29 @@ def test_shift_and_fluency_gives_each_responses_mean_logprob_under_the_reference
             )
             want = np.mean([logp[len(p) - 1 + j, t] for j, t in enumerate(r)])
             assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+def test_a_model_against_itself_runs_once_and_scores_as_against_a_twin(
+    tiny, monkeypatch
+):
+    """The recipe scores the base model against itself: one forward pass a
+    batch, and the same fluency as a separate copy's two passes give."""
+    model, _ = mlx_load(str(tiny / "model"))
+    twin, _ = mlx_load(str(tiny / "model"))
+    calls = []
+
+    class Counting(shift_module.ResponseLogits):
+        def __call__(self, *args):
+            calls.append(1)
+            return super().__call__(*args)
+
+    monkeypatch.setattr(shift_module, "ResponseLogits", Counting)
+    stats, logps = shift_and_fluency(model, model, SEQUENCES, 0.9, 2)
+    once = len(calls)
+    twin_stats, twin_logps = shift_and_fluency(model, twin, SEQUENCES, 0.9, 2)
+    assert len(calls) == 3 * once  # the twin: two passes a batch
+    assert stats == twin_stats and stats["kl_mean"] == 0.0 and stats["tokens"] == 11
+    np.testing.assert_allclose(logps, twin_logps, rtol=0, atol=1e-6)
 
 
 def test_model_shift_edge_cases(tiny):

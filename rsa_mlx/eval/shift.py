@@ -78,6 +78,24 @@ def _token_terms(logits, ref_logits, targets):
     return kl, log_ratio, ref_logp
 
 
+def _self_terms(logits, targets):
+    """:func:`_token_terms` of a model against itself: KL and log-ratio are
+    exactly 0, and only ``log p(y)`` needs the log-softmax."""
+    picked = targets.astype(mx.int32)[..., None]
+    ref_logp = mx.take_along_axis(_log_softmax(logits), picked, axis=-1)[..., 0]
+    zeros = mx.zeros_like(ref_logp)
+    return zeros, zeros, ref_logp
+
+
+def _check_vocab(logits, ref_logits) -> None:
+    if logits.shape[-1] != ref_logits.shape[-1]:
+        raise InputError(
+            f"the reference model has {ref_logits.shape[-1]} logits per "
+            f"token and the model {logits.shape[-1]}: they must share "
+            "a tokenizer"
+        )
+
+
 @contextmanager
 def _eval_mode(*models):
     """Put the models in eval mode, restoring their modes afterwards."""
@@ -202,8 +220,7 @@ def _token_shifts(model, reference, todo: list, batch_size: int, bar):
     """Per-token KL, log-ratio and reference log-probability over every
     response token of ``todo``, as three float64 arrays in order."""
     same = model is reference
-    policy = ResponseLogits(model)
-    base = policy if same else ResponseLogits(reference)
+    policy, base = ResponseLogits(model), ResponseLogits(reference)
     kls, ratios, ref_logps = [], [], []
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
@@ -212,15 +229,13 @@ def _token_shifts(model, reference, todo: list, batch_size: int, bar):
         )
         tokens, where = mx.array(inputs), mx.array(index.astype(np.int32))
         logits = policy(tokens, where)
-        ref_logits = logits if same else base(tokens, where)
-        if logits.shape[-1] != ref_logits.shape[-1]:
-            raise InputError(
-                f"the reference model has {ref_logits.shape[-1]} logits per "
-                f"token and the model {logits.shape[-1]}: they must share "
-                "a tokenizer"
-            )
         picked = mx.array(targets.reshape(-1)[index])
-        kl, ratio, ref_logp = _token_terms(logits, ref_logits, picked)
+        if same:  # a model against itself: no KL to compute, one pass
+            kl, ratio, ref_logp = _self_terms(logits, picked)
+        else:
+            ref_logits = base(tokens, where)
+            _check_vocab(logits, ref_logits)
+            kl, ratio, ref_logp = _token_terms(logits, ref_logits, picked)
         mx.eval(kl, ratio, ref_logp)
         kls.append(np.array(kl, np.float64))
         ratios.append(np.array(ratio, np.float64))

@@ -206,9 +206,11 @@ class RecipeEvaluator:
                 names += [f"{key}_{name}_{decoding}" for key in keys]
         return names
 
-    def _base(self):
+    def base(self) -> tuple:
+        """``(model, tokenizer)`` of the reference, loaded once. Evaluating
+        this very model (the recipe's base) scores it in one pass."""
         if getattr(self, "_reference", None) is None:
-            self._reference = load(self.reference)[0]
+            self._reference = load(self.reference)
         return self._reference
 
     def answers(self, model, tokenizer, label: str) -> dict:
@@ -219,7 +221,7 @@ class RecipeEvaluator:
         model give those answers' fluency."""
         if not hasattr(self, "_sets"):
             self.check()
-        base = self._base()
+        base = self.base()[0]
         decodings = DECODINGS if self.samples else DECODINGS[:1]
         texts, scores, last = {}, {}, []
         for name, prompts in self._sets.items():

@@ -251,7 +251,9 @@ def evaluate_models(models: dict, data: Path, out: Path, cfg: RecipeConfig) -> d
                 results[name] = json.loads(cache.read_text())
             else:
                 with timed(out, f"evaluate {name}"):
-                    net, tokenizer = load(**spec)
+                    # the base model is the evaluator's reference: share it
+                    base = spec == {"model": evaluator.reference}
+                    net, tokenizer = evaluator.base() if base else load(**spec)
                     found = evaluator.answers(net, tokenizer, name)
                 results[name] = {
                     "metrics": found["metrics"],
