@@ -3,6 +3,7 @@ metrics, and its evaluator (also a sweep evaluator) on a tiny model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import mlx.core as mx
@@ -196,3 +197,45 @@ def test_the_base_model_is_evaluated_with_the_evaluators_own_copy(
     assert got["base"]["answers"] == twin["answers"]
     for key, value in twin["metrics"].items():
         assert metrics[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_evaluations_are_redone_only_when_their_settings_change(tmp_path):
+    """A rerun with other evaluation settings (a free setting) evaluates
+    again; the same settings reuse the cache, also one made before caches
+    carried their settings (stamped from the folder's recipe.json)."""
+    from rsa_mlx.recipe import run as recipe_run
+
+    flat_tiny_model(tmp_path / "model")
+    row = {"prompt": "Explain the water cycle.", "set": "benign", "harmful": False}
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "eval.jsonl").write_text(json.dumps(row) + "\n")
+    models = {"base": {"model": str(tmp_path / "model")}}
+    greedy = settings.RecipeConfig(eval_samples=0, eval_max_tokens=4)
+    sampled = dataclasses.replace(greedy, eval_samples=1)
+    assert {"eval_samples", "eval_max_tokens", "eval_temperature"} <= set(
+        recipe_run.FREE
+    )
+
+    def evaluate(cfg):
+        before = recipe_run.step_times(tmp_path).get("evaluate base", 0.0)
+        got = recipe_run.evaluate_models(models, tmp_path / "data", tmp_path, cfg)
+        redone = recipe_run.step_times(tmp_path).get("evaluate base", 0.0) > before
+        # (a fresh result's NaN is null in the cache: compare what is kept)
+        return {k: got["base"][k] for k in ("answers", "evaluation")}, redone
+
+    first, redone = evaluate(greedy)
+    assert redone and first["evaluation"]["eval_samples"] == 0
+    assert evaluate(greedy) == (first, False)
+    again, redone = evaluate(sampled)
+    assert redone and again["evaluation"]["eval_samples"] == 1
+    assert "sampled" in again["answers"]["benign"]
+    assert "sampled" not in first["answers"]["benign"]
+    # a cache from before: stamped with the settings that made it
+    cache = tmp_path / "eval" / "base.json"
+    old = {k: v for k, v in json.loads(cache.read_text()).items() if k != "evaluation"}
+    cache.write_text(json.dumps(old))
+    recipe_run.stamp_evaluations(tmp_path, dataclasses.asdict(sampled))
+    assert evaluate(sampled) == (again, False)
+    cache.write_text(json.dumps(old))
+    recipe_run.stamp_evaluations(tmp_path, dataclasses.asdict(greedy))
+    assert evaluate(sampled)[1]  # stamped greedy, wanted sampled: redone

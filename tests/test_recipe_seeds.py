@@ -124,6 +124,15 @@ def test_runs_of_other_recipes_or_the_same_seed_are_refused(tmp_path):
     same = write_run(tmp_path / "c", 0, (0.9, 0, -1, 0), (0.9, 0, -1, 0))
     with pytest.raises(InputError, match=r"other settings .*learning_rate"):
         seeds.load_runs([good, other])
+    # evaluated otherwise (a rerun may change that): not one recipe either
+    good_e = write_run(
+        tmp_path / "e", 2, (0.9, 0, -1, 0), (0.9, 0, -1, 0), eval_samples=0
+    )
+    sampled = write_run(
+        tmp_path / "f", 3, (0.9, 0, -1, 0), (0.9, 0, -1, 0), eval_samples=1
+    )
+    with pytest.raises(InputError, match=r"other settings .*eval_samples"):
+        seeds.load_runs([good_e, sampled])
     with pytest.raises(InputError, match="two runs share a seed"):
         seeds.load_runs([good, same])
     with pytest.raises(InputError, match="no results"):

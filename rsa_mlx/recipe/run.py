@@ -14,14 +14,17 @@ where it stopped; training resumes from its checkpoints):
    contrast pairs so the stage also learns when not to refuse).
 3. ``runs/<method>``: every method of ``--methods`` (both stages each).
 4. ``eval/<model>.json``: the base model, stage 1 and every method answer
-   every held-out set greedily and sampled (:mod:`rsa_mlx.recipe.evaluate`);
+   every held-out set greedily and sampled (:mod:`rsa_mlx.recipe.evaluate`;
+   redone when the evaluation settings change);
    ``report.md``, ``plot.svg``/``plot.png`` and ``results.json`` put them
    side by side with example answers (:mod:`rsa_mlx.recipe.report`).
 5. ``export-hf/`` and ``aligned.gguf``: the last method fused into a
    Hugging Face folder and into one GGUF file (F16) for llama.cpp and Ollama.
 
 The settings are saved in ``recipe.json``; run again with settings that
-change the data or the training and it is refused by name.
+change the data or the training and it is refused by name. The output and
+evaluation settings (:data:`FREE`) may change: a finished run can be
+evaluated again, e.g. with sampled answers, without training again.
 """
 
 from __future__ import annotations
@@ -54,7 +57,10 @@ from rsa_mlx.util.errors import ConfigError, InputError, quote
 SETTINGS_FILE = "recipe.json"
 TIMES_FILE = "times.json"
 # Settings that change nothing already computed: they may differ on a rerun.
-FREE = ("out", "export", "methods", "eval_stage1")
+# settings a rerun may change: what is written, and how models are evaluated
+OUTPUT = ("out", "export", "methods", "eval_stage1")
+EVALUATION = ("eval_samples", "eval_max_tokens", "eval_temperature")
+FREE = OUTPUT + EVALUATION
 
 
 @contextmanager
@@ -82,11 +88,12 @@ def _step_done(path: Path, what: str) -> bool:
     return False
 
 
-def check_rerun(cfg: RecipeConfig, out: Path) -> None:
-    """Refuse a folder made with other data or training settings, by name."""
+def check_rerun(cfg: RecipeConfig, out: Path) -> dict | None:
+    """Refuse a folder made with other data or training settings, by name;
+    returns the folder's saved settings (None for a new folder)."""
     path = out / SETTINGS_FILE
     if not path.exists():
-        return
+        return None
     saved = json.loads(path.read_text())
     given = dataclasses.asdict(cfg)
     changed = [
@@ -99,6 +106,22 @@ def check_rerun(cfg: RecipeConfig, out: Path) -> None:
             f"{quote(out)} was made with other settings: {'; '.join(changed)}. "
             "Choose another --out, or restore them"
         )
+    return saved
+
+
+def evaluation(settings: dict) -> dict:
+    """The settings an evaluation depends on (kept in each ``eval/*.json``)."""
+    return {k: settings[k] for k in EVALUATION}
+
+
+def stamp_evaluations(out: Path, saved: dict) -> None:
+    """Write into every ``eval/*.json`` made before evaluations carried their
+    settings the settings of the run that made them, before ``recipe.json``
+    is overwritten and they would be lost."""
+    for cache in sorted((out / "eval").glob("*.json")):
+        found = json.loads(cache.read_text())
+        if "evaluation" not in found:
+            save_json(cache, {**found, "evaluation": evaluation(saved)})
 
 
 def prepare_model(model: str, out: Path) -> str:
@@ -237,18 +260,21 @@ def models_to_evaluate(model_dir: str, runs: dict, stage1: bool = True) -> dict:
 
 
 def evaluate_models(models: dict, data: Path, out: Path, cfg: RecipeConfig) -> dict:
-    """Every model on the held-out sets (cached per model)."""
+    """Every model on the held-out sets (cached per model, and redone when
+    the evaluation settings differ from the cached ones)."""
     evaluator = RecipeEvaluator(
         str(data / "eval.jsonl"), cfg.eval_samples, cfg.eval_max_tokens,
         cfg.eval_temperature, cfg.seed, reference=models["base"]["model"],
     )  # fmt: skip
     evaluator.check()
+    wanted = evaluation(dataclasses.asdict(cfg))
     results = {}
     with bars.task("evaluate", len(models), "models") as bar:
         for name, spec in models.items():
             cache = out / "eval" / f"{name}.json"
-            if cache.exists():
-                results[name] = json.loads(cache.read_text())
+            found = json.loads(cache.read_text()) if cache.exists() else {}
+            if found.get("evaluation") == wanted:
+                results[name] = found
             else:
                 with timed(out, f"evaluate {name}"):
                     # the base model is the evaluator's reference: share it
@@ -258,6 +284,7 @@ def evaluate_models(models: dict, data: Path, out: Path, cfg: RecipeConfig) -> d
                 results[name] = {
                     "metrics": found["metrics"],
                     "answers": found["answers"],
+                    "evaluation": wanted,
                 }
                 save_json(cache, results[name])
                 del net
@@ -283,9 +310,11 @@ def run(cfg: RecipeConfig) -> dict:
     """The whole recipe (see the module docstring); returns the metrics."""
     out = Path(cfg.out)
     check_sampling(k=max(cfg.eval_samples, 1), max_tokens=cfg.eval_max_tokens)
-    check_rerun(cfg, out)
+    saved = check_rerun(cfg, out)
     tic = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    if saved is not None:
+        stamp_evaluations(out, saved)
     save_json(out / SETTINGS_FILE, dataclasses.asdict(cfg))
     model_dir = prepare_model(cfg.model, out)
     if cfg.export:

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 
 from rsa_mlx.recipe.report import TITLES, worst_set
-from rsa_mlx.recipe.run import FREE, run
+from rsa_mlx.recipe.run import OUTPUT, run
 from rsa_mlx.recipe.settings import RecipeConfig
 from rsa_mlx.study.stats import NONNEGATIVE, PROBABILITY, Interval, mean_ci
 from rsa_mlx.util import progress
@@ -88,7 +88,8 @@ def measures(metrics: dict, base: dict, decoding: str = "greedy") -> dict:
 
 
 def _same_recipe(settings: dict) -> dict:
-    return {k: v for k, v in settings.items() if k not in (*FREE, "seed")}
+    # the evaluation settings count: seeds evaluated otherwise do not compare
+    return {k: v for k, v in settings.items() if k not in (*OUTPUT, "seed")}
 
 
 def load_runs(paths) -> list[dict]:

@@ -108,7 +108,9 @@ class RecipeConfig:
     max_seq_length: int = setting(256, "Longest prompt + answer in tokens.")
     # evaluation
     eval_samples: int = setting(
-        0, "Sampled answers per held-out prompt (and one greedy); 0: greedy only."
+        0,
+        "Sampled answers per held-out prompt (and one greedy); 0: greedy only. "
+        "Rerun a finished folder with another value to evaluate it again.",
     )
     eval_max_tokens: int = setting(48, "Longest answer at evaluation.")
     eval_temperature: float = setting(0.8, "Temperature of the sampled answers.")
