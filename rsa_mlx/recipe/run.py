@@ -56,8 +56,8 @@ from rsa_mlx.util.errors import ConfigError, InputError, quote
 
 SETTINGS_FILE = "recipe.json"
 TIMES_FILE = "times.json"
-# Settings that change nothing already computed: they may differ on a rerun.
-# settings a rerun may change: what is written, and how models are evaluated
+# Settings a rerun may change: what is written, and how the models are
+# evaluated (an evaluation made otherwise is redone; no training is).
 OUTPUT = ("out", "export", "methods", "eval_stage1")
 EVALUATION = ("eval_samples", "eval_max_tokens", "eval_temperature")
 FREE = OUTPUT + EVALUATION
@@ -111,7 +111,7 @@ def check_rerun(cfg: RecipeConfig, out: Path) -> dict | None:
 
 def evaluation(settings: dict) -> dict:
     """The settings an evaluation depends on (kept in each ``eval/*.json``)."""
-    return {k: settings[k] for k in EVALUATION}
+    return {k: settings.get(k) for k in EVALUATION}
 
 
 def stamp_evaluations(out: Path, saved: dict) -> None:
