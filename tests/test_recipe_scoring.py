@@ -182,11 +182,14 @@ def test_the_base_model_is_evaluated_with_the_evaluators_own_copy(
     cfg = settings.RecipeConfig(eval_samples=0, eval_max_tokens=4)
     loaded = []
     monkeypatch.setattr(
-        recipe_run, "load", lambda **spec: loaded.append(spec) or load(**spec)
+        evaluate,
+        "load",
+        lambda *a, **spec: loaded.append(a or spec) or load(*a, **spec),
     )
     models = {"base": {"model": str(tmp_path / "model")}}
     got = recipe_run.evaluate_models(models, tmp_path / "data", tmp_path, cfg)
-    assert loaded == []  # the evaluator's reference served as the base
+    # one copy: the evaluator's reference, which served as the base too
+    assert loaded == [(str(tmp_path / "model"),)]
     metrics = got["base"]["metrics"]
     assert metrics["shift_kl"] == 0.0 and metrics["shift_kl_cvar"] == 0.0
     evaluator = evaluate.RecipeEvaluator(

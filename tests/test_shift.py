@@ -251,7 +251,14 @@ def test_a_model_against_itself_runs_once_and_scores_as_against_a_twin(
             return super().__call__(*args)
 
     monkeypatch.setattr(shift_module, "ResponseLogits", Counting)
+    full_terms = shift_module._token_terms
+
+    def no_kl(*args):
+        raise AssertionError("the vocabulary-wide KL of a model against itself")
+
+    monkeypatch.setattr(shift_module, "_token_terms", no_kl)
     stats, logps = shift_and_fluency(model, model, SEQUENCES, 0.9, 2)
+    monkeypatch.setattr(shift_module, "_token_terms", full_terms)
     once = len(calls)
     twin_stats, twin_logps = shift_and_fluency(model, twin, SEQUENCES, 0.9, 2)
     assert len(calls) == 3 * once  # the twin: two passes a batch

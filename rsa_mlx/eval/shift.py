@@ -220,7 +220,8 @@ def _token_shifts(model, reference, todo: list, batch_size: int, bar):
     """Per-token KL, log-ratio and reference log-probability over every
     response token of ``todo``, as three float64 arrays in order."""
     same = model is reference
-    policy, base = ResponseLogits(model), ResponseLogits(reference)
+    policy = ResponseLogits(model)
+    base = policy if same else ResponseLogits(reference)  # one vocab check
     kls, ratios, ref_logps = [], [], []
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]

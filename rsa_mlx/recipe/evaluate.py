@@ -213,6 +213,11 @@ class RecipeEvaluator:
             self._reference = load(self.reference)
         return self._reference
 
+    def load(self, **spec) -> tuple:
+        """``rsa_mlx.load(**spec)``, but the reference itself when ``spec``
+        names it with no adapter, so that it is scored in one pass."""
+        return self.base() if spec == {"model": self.reference} else load(**spec)
+
     def answers(self, model, tokenizer, label: str) -> dict:
         """``{"metrics", "answers": {set: {decoding: [texts]}}, "scores"}``.
 

@@ -277,9 +277,7 @@ def evaluate_models(models: dict, data: Path, out: Path, cfg: RecipeConfig) -> d
                 results[name] = found
             else:
                 with timed(out, f"evaluate {name}"):
-                    # the base model is the evaluator's reference: share it
-                    base = spec == {"model": evaluator.reference}
-                    net, tokenizer = evaluator.base() if base else load(**spec)
+                    net, tokenizer = evaluator.load(**spec)
                     found = evaluator.answers(net, tokenizer, name)
                 results[name] = {
                     "metrics": found["metrics"],
