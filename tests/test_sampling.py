@@ -192,3 +192,29 @@ def test_max_tokens_and_seeded_temperature(model):
     assert len({tuple(r) for r in runs[0][:6]}) > 1  # each row its own draws
     vocab = model.args.vocab_size
     assert all(0 <= t < vocab for r in runs[0] for t in r)
+
+
+def test_finished_rows_leave_the_batch(model):
+    prompts = PROMPTS * 2 + [[3, 4], [60, 61, 62]]
+    want = [mlx_lm_greedy(model, p, 40) for p in prompts]
+    # every row but the last two stops at its third token; those two run on
+    runners = {t for w in want[-2:] for t in w}
+    stops = {w[2] for w in want[:-2]} - runners
+    ends = [len(r) for r in cut(want, stops)]
+    assert sum(e >= decode.CHECK_EVERY for e in ends) <= len(prompts) // 2
+    dec = decode.Decoder(model, 40, 0.0, 0.0, eos=sorted(stops))
+    sizes, step = [], dec.step
+    dec.step = lambda *a: sizes.append(a[0].shape[0]) or step(*a)
+    assert dec(prompts) == cut(want, stops)
+    # the batch shrinks to a power of two once at most half of it runs
+    running = sum(e == 40 for e in ends)
+    assert sizes[0] == len(prompts) and sizes[-1] == 1 << (running - 1).bit_length()
+    assert len(sizes) == 39 and running >= 1
+
+
+def test_survivors_pad_to_a_power_of_two():
+    finished = np.array([1, 0, 1, 1, 0, 1, 0, 1, 1, 1], bool)
+    assert decode._survivors(finished).tolist() == [0, 1, 4, 6]  # 3 run: 4
+    assert decode._survivors(np.array([0, 0, 0, 1], bool)) is None
+    assert decode._survivors(np.array([0, 1, 0, 1], bool)).tolist() == [0, 2]
+    assert decode._survivors(np.array([1, 1, 0, 1], bool)).tolist() == [2]

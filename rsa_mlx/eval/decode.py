@@ -141,11 +141,10 @@ class Decoder:
                 return self.logits.head(hidden[:, -1])
             return self.model(tokens, cache=caches)[:, -1]
 
-    def __call__(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
-        """The tokens generated after each prompt: up to ``max_tokens``,
-        cut before the first end-of-sequence token (as mlx-lm's)."""
-        rows, steps = len(prompts), self.max_tokens
-        # A prompt sampled k times is prefilled once; its rows share the result.
+    def _start(self, prompts: Sequence[Sequence[int]]):
+        """Prefill: (width, last logits, keys, values, left padding), one row
+        per prompt; a prompt sampled k times is prefilled once and its rows
+        share the result."""
         unique: dict[tuple[int, ...], int] = {}
         row_of = mx.array([unique.setdefault(tuple(p), len(unique)) for p in prompts])
         width = -(-max(len(p) for p in unique) // ALIGN) * ALIGN
@@ -154,29 +153,66 @@ class Decoder:
             tokens[i, width - len(p) :] = p
         start = mx.array(0, mx.int32)
         pads = mx.array([width - len(p) for p in unique], mx.int32)
-        length = width + steps
+        length = width + self.max_tokens
         caches = [
             StaticCache(length, start, pads) for _ in make_prompt_cache(self.model)
         ]
         logits = self._prefill(mx.array(tokens), caches)[row_of]
         keys = [c.keys[row_of] for c in caches]
         values = [c.values[row_of] for c in caches]
-        left = pads[row_of]
+        return width, logits, keys, values, pads[row_of]
+
+    def __call__(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+        """The tokens generated after each prompt: up to ``max_tokens``,
+        cut before the first end-of-sequence token (as mlx-lm's)."""
+        rows, steps = len(prompts), self.max_tokens
+        width, logits, keys, values, left = self._start(prompts)
         u = mx.random.uniform(shape=(steps, rows))  # one uniform per row and step
         token = self.pick(logits, u[0])
         done = _stops(token, self.eos)
-        out = [token]
+        # Column t of ``out``: the token each prompt drew at step t. Rows are
+        # dropped as they finish, so ``live`` maps batch rows to prompts; a
+        # dropped row's later columns keep the fill, past its end anyway.
+        out = np.full((rows, steps), int(np.array(self.eos)[0]), np.int64)
+        live, pending, first = np.arange(rows), [token], 0
         mx.async_eval(token, done)
         for t in range(1, steps):
             pos = mx.array(width + t - 1, mx.int32)
             token, keys, values, done = self.step(
                 token, keys, values, pos, left, u[t], done
             )
-            out.append(token)
+            pending.append(token)
             mx.async_eval(token, done)
-            if t % CHECK_EVERY == 0 and done.all().item():
+            if t % CHECK_EVERY:
+                continue
+            out[live, first : t + 1] = np.array(mx.stack(pending, axis=1))
+            pending, first = [], t + 1
+            finished = np.array(done)
+            if finished.all():
                 break
-        return _cut(np.array(mx.stack(out, axis=1)), self.eos)
+            keep = _survivors(finished)
+            if keep is not None:
+                idx = mx.array(keep)
+                token, done, left, u = token[idx], done[idx], left[idx], u[:, idx]
+                keys, values = [k[idx] for k in keys], [v[idx] for v in values]
+                live = live[keep]
+        if pending:
+            out[live, first : first + len(pending)] = np.array(
+                mx.stack(pending, axis=1)
+            )
+        return _cut(out, self.eos)
+
+
+def _survivors(finished: np.ndarray) -> np.ndarray | None:
+    """The batch rows to keep once at most half of them still run: the
+    running ones, padded with finished ones to a power of two (at most
+    log2(batch) batch shapes, so few traces); None to keep all."""
+    running = np.flatnonzero(~finished)
+    if len(running) > len(finished) // 2:
+        return None
+    size = 1 << max(0, int(len(running) - 1).bit_length())
+    padding = np.flatnonzero(finished)[: size - len(running)]
+    return np.sort(np.concatenate([running, padding]))
 
 
 def _cut(tokens: np.ndarray, eos: mx.array) -> list[list[int]]:
