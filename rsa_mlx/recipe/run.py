@@ -51,7 +51,7 @@ from rsa_mlx.tuner.config import resolve
 from rsa_mlx.tuner.model import load
 from rsa_mlx.tuner.trainer import train
 from rsa_mlx.util import progress as bars
-from rsa_mlx.util.atomic import save_json, save_text
+from rsa_mlx.util.atomic import plain, save_json, save_text
 from rsa_mlx.util.errors import ConfigError, InputError, quote
 
 SETTINGS_FILE = "recipe.json"
@@ -279,11 +279,14 @@ def evaluate_models(models: dict, data: Path, out: Path, cfg: RecipeConfig) -> d
                 with timed(out, f"evaluate {name}"):
                     net, tokenizer = evaluator.load(**spec)
                     found = evaluator.answers(net, tokenizer, name)
-                results[name] = {
-                    "metrics": found["metrics"],
-                    "answers": found["answers"],
-                    "evaluation": wanted,
-                }
+                # as the cache reads back (a metric with no value: None)
+                results[name] = plain(
+                    {
+                        "metrics": found["metrics"],
+                        "answers": found["answers"],
+                        "evaluation": wanted,
+                    }
+                )
                 save_json(cache, results[name])
                 del net
             bar.advance()
