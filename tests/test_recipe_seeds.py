@@ -185,3 +185,23 @@ def test_seeds_flag_runs_each_seed_and_writes_the_summary(tmp_path):
     assert "RSA (CVaR) minus SACPO" in report
     summary = json.loads((out / "seeds.json").read_text())
     assert summary["greedy"]["sacpo"]["refused: AdvBench"]["n"] == 2
+
+
+def test_every_method_is_compared_with_each_before_it(tmp_path):
+    paths, _, rsa = three_runs(tmp_path)
+    erm = [(0.7, 0.0, -1.2, 0.0), (0.75, 0.0, -1.1, 0.0), (0.8, 0.0, -1.0, 0.0)]
+    for path, row in zip(paths, erm):
+        data = json.loads((path / "results.json").read_text())
+        data["results"]["rsa-erm"] = metrics(*row)
+        (path / "results.json").write_text(json.dumps(data))
+    runs = seeds.load_runs(paths)
+    assert seeds.comparisons(seeds.summarise(runs)) == [
+        ("rsa-cvar", "sacpo"), ("rsa-erm", "sacpo"), ("rsa-erm", "rsa-cvar"),
+    ]  # fmt: skip
+    report = seeds.write_seed_report(tmp_path, paths)
+    assert "## RSA (ERM) minus RSA (CVaR), seed by seed" in report
+    saved = json.loads((tmp_path / "seeds.json").read_text())["paired"]
+    assert list(saved) == ["rsa-cvar - sacpo", "rsa-erm - sacpo", "rsa-erm - rsa-cvar"]
+    got = saved["rsa-erm - rsa-cvar"]["refused: AdvBench"]
+    want = reference_ci([e[0] - r[0] for e, r in zip(erm, rsa)])
+    assert (got["mean"], got["lo"], got["hi"]) == pytest.approx(want, abs=1e-5)

@@ -182,9 +182,17 @@ def verdict(diff: Interval, higher: bool) -> str:
     return "tie"
 
 
+def comparisons(models) -> list[tuple[str, str]]:
+    """``(later, earlier)`` for every pair of trained methods in their order:
+    with SACPO, RSA (CVaR), RSA (ERM), CVaR and ERM each against SACPO,
+    then ERM against CVaR."""
+    methods = [m for m in models if m not in ("base", "stage1")]
+    return [(b, a) for j, b in enumerate(methods) for a in methods[:j]]
+
+
 def seed_report(runs: list[dict], decoding: str = "greedy") -> str:
-    """Markdown: the table of intervals, then each trained method against the
-    first one (e.g. RSA against SACPO), paired seed by seed."""
+    """Markdown: the table of intervals, then every trained method against
+    each one before it (e.g. RSA against SACPO), paired seed by seed."""
     summary = summarise(runs, decoding)
     seeds = ", ".join(str(r["settings"]["seed"]) for r in runs)
     cols = list(MEASURES)
@@ -201,12 +209,11 @@ def seed_report(runs: list[dict], decoding: str = "greedy") -> str:
     for model, row in summary.items():
         cells = [_fmt(row[k], k in PERCENT) for k in cols]
         lines.append(f"| {TITLES.get(model, model)} | " + " | ".join(cells) + " |")
-    methods = [m for m in summary if m not in ("base", "stage1")]
-    for other in methods[1:]:
-        diff = paired(runs, other, methods[0], decoding)
+    for other, first in comparisons(summary):
+        diff = paired(runs, other, first, decoding)
         lines += [
             "",
-            f"## {TITLES.get(other, other)} minus {TITLES.get(methods[0], methods[0])}"
+            f"## {TITLES.get(other, other)} minus {TITLES.get(first, first)}"
             ", seed by seed",
             "",
             "| measure | difference [95% interval] | verdict |",
@@ -229,8 +236,13 @@ def write_seed_report(out: Path, paths) -> str:
         m: {k: dataclasses.asdict(v) for k, v in row.items()}
         for m, row in summarise(runs).items()
     }
+    differences = {
+        f"{b} - {a}": {k: dataclasses.asdict(v) for k, v in paired(runs, b, a).items()}
+        for b, a in comparisons(summary)
+    }
     save_json(
-        out / "seeds.json", {"runs": [r["path"] for r in runs], "greedy": summary}
+        out / "seeds.json",
+        {"runs": [r["path"] for r in runs], "greedy": summary, "paired": differences},
     )
     save_text(out / SUMMARY_FILE, text)
     return text
