@@ -9,7 +9,16 @@ most) and prompts, at temperature 0 (greedy) and ``--temperature``:
 * (a) ``old``:      ``sample_with_ids(impl="mlx_lm")``, the library's path
                     before the fast decoder (mlx-lm's ``batch_generate``);
 * (b) ``new``:      ``sample_with_ids(impl="fast")`` (rsa_mlx.eval.decode);
+* (b') ``new-keep``: the same with finished rows kept in the batch to the
+                    end (the decoder before it dropped them), to show what
+                    dropping them gains;
 * (c) ``mlx-lm``:   ``mlx_lm.batch_generate`` with its own defaults.
+
+``--adapter-path`` loads a trained run (e.g. a recipe's ``runs/rsa-cvar``)
+and ``--prompts FILE --set NAME`` asks the prompts of a JSONL file (a
+recipe's ``data/eval.jsonl``: ``--set advbench``, which an aligned model
+refuses in a few tokens): the recipe's evaluation, where rows finish at
+very different steps.
 
 The batch is ``--batch / --samples`` chat prompts each sampled
 ``--samples`` times (the recipe samples k = 8 answers per prompt;
@@ -24,9 +33,11 @@ measurement. Ratios are of median tokens/s to (a).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import rsa_mlx  # noqa: F401  (first: loads the fast BLAS before mlx)
 
@@ -35,6 +46,7 @@ import mlx.core as mx
 from mlx_lm.generate import batch_generate
 from mlx_lm.sample_utils import make_sampler
 
+from rsa_mlx.eval import decode
 from rsa_mlx.eval.prompts import PromptRecord, prompt_ids
 from rsa_mlx.eval.sampling import sample_with_ids
 from rsa_mlx.tuner.model import load
@@ -76,6 +88,22 @@ PROMPTS = [
 ]
 
 
+class RowsKept:
+    """Within the block, the decoder keeps finished rows to the end."""
+
+    def __enter__(self):
+        self.saved, decode._survivors = decode._survivors, lambda finished: None
+
+    def __exit__(self, *exc):
+        decode._survivors = self.saved
+
+
+def read_prompts(path: str, name: str | None) -> list[str]:
+    lines = Path(path).read_text().splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()]
+    return [r["prompt"] for r in rows if name is None or r.get("set") == name]
+
+
 def timed(run) -> tuple[float, int]:
     mx.random.seed(0)
     start = time.perf_counter()
@@ -84,8 +112,11 @@ def timed(run) -> tuple[float, int]:
 
 
 def cases(model, tokenizer, records, samples, batch, max_tokens, temperature):
-    def ours(impl):
+    def ours(impl, keep=False):
         def run():
+            if keep:
+                with RowsKept():
+                    return ours(impl)()
             _, ids = sample_with_ids(
                 model, tokenizer, records, k=samples, max_tokens=max_tokens,
                 temperature=temperature, batch_size=batch, impl=impl,
@@ -104,12 +135,22 @@ def cases(model, tokenizer, records, samples, batch, max_tokens, temperature):
         )  # fmt: skip
         return sum(len(r) for r in result.token_ids)
 
-    return {"old": ours("mlx_lm"), "new": ours("fast"), "mlx-lm": mlx_lm}
+    return {
+        "old": ours("mlx_lm"),
+        "new": ours("fast"),
+        "new-keep": ours("fast", keep=True),
+        "mlx-lm": mlx_lm,
+    }
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="model folder or HF id")
+    parser.add_argument("--adapter-path", help="a trained run or stage folder")
+    parser.add_argument(
+        "--prompts", help="JSONL with a prompt per row (default: benign)"
+    )
+    parser.add_argument("--set", help="with --prompts: only rows of this set")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--samples", type=int, default=8, help="samples per prompt")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens at most")
@@ -119,14 +160,16 @@ def main():
     if args.batch % args.samples:
         parser.error("--batch must be a multiple of --samples")
 
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, adapter_path=args.adapter_path)
     n_prompts = args.batch // args.samples
-    records = [PromptRecord(PROMPTS[i % len(PROMPTS)]) for i in range(n_prompts)]
+    texts = read_prompts(args.prompts, args.set) if args.prompts else PROMPTS
+    records = [PromptRecord(texts[i % len(texts)]) for i in range(n_prompts)]
     blas_name = blas.STATUS.path if blas.STATUS.loaded else "reference BLAS"
     print(f"BLAS: {blas_name}; {os.cpu_count()} CPUs")
     print(
         f"batch {args.batch} = {n_prompts} prompts x {args.samples} samples, "
-        f"{args.tokens} new tokens at most, rounds {args.rounds}"
+        f"{args.tokens} new tokens at most, rounds {args.rounds}, "
+        f"prompts {args.prompts or 'benign'} {args.set or ''}, adapter {args.adapter_path or 'none'}"
     )
     temps = [0.0, args.temperature]
     table = {
