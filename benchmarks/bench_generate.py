@@ -99,6 +99,7 @@ class RowsKept:
 
 
 def read_prompts(path: str, name: str | None) -> list[str]:
+    """The ``prompt`` of every row of JSONL ``path`` (of set ``name``)."""
     lines = Path(path).read_text().splitlines()
     rows = [json.loads(line) for line in lines if line.strip()]
     return [r["prompt"] for r in rows if name is None or r.get("set") == name]
@@ -162,14 +163,19 @@ def main():
 
     model, tokenizer = load(args.model, adapter_path=args.adapter_path)
     n_prompts = args.batch // args.samples
+    if args.set and not args.prompts:
+        parser.error("--set needs --prompts")
     texts = read_prompts(args.prompts, args.set) if args.prompts else PROMPTS
+    if not texts:
+        parser.error(f"--prompts {args.prompts}: no rows of set {args.set}")
     records = [PromptRecord(texts[i % len(texts)]) for i in range(n_prompts)]
     blas_name = blas.STATUS.path if blas.STATUS.loaded else "reference BLAS"
     print(f"BLAS: {blas_name}; {os.cpu_count()} CPUs")
     print(
         f"batch {args.batch} = {n_prompts} prompts x {args.samples} samples, "
         f"{args.tokens} new tokens at most, rounds {args.rounds}, "
-        f"prompts {args.prompts or 'benign'} {args.set or ''}, adapter {args.adapter_path or 'none'}"
+        f"prompts {args.prompts or 'benign'} (set {args.set or 'all'}), "
+        f"adapter {args.adapter_path or 'none'}"
     )
     temps = [0.0, args.temperature]
     table = {

@@ -200,7 +200,7 @@ def test_every_method_is_compared_with_each_before_it(tmp_path):
     ]  # fmt: skip
     report = seeds.write_seed_report(tmp_path, paths)
     assert "## RSA (ERM) minus RSA (CVaR), seed by seed" in report
-    saved = json.loads((tmp_path / "seeds.json").read_text())["paired"]
+    saved = json.loads((tmp_path / "seeds.json").read_text())["paired"]["greedy"]
     assert list(saved) == ["rsa-cvar - sacpo", "rsa-erm - sacpo", "rsa-erm - rsa-cvar"]
     got = saved["rsa-erm - rsa-cvar"]["refused: AdvBench"]
     want = reference_ci([e[0] - r[0] for e, r in zip(erm, rsa)])

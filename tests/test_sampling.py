@@ -218,3 +218,71 @@ def test_survivors_pad_to_a_power_of_two():
     assert decode._survivors(np.array([0, 0, 0, 1], bool)) is None
     assert decode._survivors(np.array([0, 1, 0, 1], bool)).tolist() == [0, 2]
     assert decode._survivors(np.array([1, 1, 0, 1], bool)).tolist() == [2]
+
+
+def scripted_decoder(ends, steps, uniforms, width=16):
+    """A model-free Decoder: prompt ``i`` says ``100 i + t`` at step ``t``
+    and ends (EOS) at step ``ends[i]``; a step whose uniform is not its
+    row's own (``uniforms[t, i]``) says -1 instead. The prompt index rides
+    in the keys, so it follows the rows through every compaction."""
+    eos, ends, uniforms = 9999, mx.array(ends), mx.array(uniforms)
+    dec = decode.Decoder.__new__(decode.Decoder)
+    dec.max_tokens, dec.eos, sizes = steps, mx.array([eos], mx.int32), []
+
+    def say(prompt, t, u):
+        own = mx.abs(u - uniforms[t][prompt]) < 1e-7
+        word = mx.where(t == ends[prompt], eos, 100 * prompt + t)
+        return mx.where(own, word, -1)
+
+    def step(token, keys, values, pos, left, u, done):
+        sizes.append(token.shape[0])
+        nxt = say(keys[0], pos.item() - width + 1, u)
+        return nxt, keys, values, done | (nxt == eos)
+
+    dec.pick = lambda logits, u: say(logits, 0, u)
+    rows = len(ends.tolist())
+    prompt = mx.arange(rows)
+    dec._start = lambda p: (width, prompt, [prompt], [mx.zeros(rows)], prompt * 0)
+    dec.step = step
+    return dec, sizes
+
+
+def test_rows_leave_in_steps_with_their_own_tokens_and_uniforms():
+    ends, steps = [2, 30, 3, 12, 4, 5, 40, 1, 6, 7], 35
+    mx.random.seed(5)
+    uniforms = mx.random.uniform(shape=(steps, len(ends)))
+    mx.random.seed(5)
+    dec, sizes = scripted_decoder(ends, steps, uniforms)
+    got = dec([[i] for i in range(len(ends))])
+    want = [[100 * i + t for t in range(min(e, steps))] for i, e in enumerate(ends)]
+    assert got == want
+    # at step 8 three rows run (padded to 4), at 16 two, at 32 one
+    assert sizes == [10] * 8 + [4] * 8 + [2] * 16 + [1] * 2
+
+
+def test_dropping_rows_leaves_sampled_answers_unchanged(model):
+    rows = PROMPTS * 2
+    mx.random.seed(11)
+    free = decode.Decoder(model, 30, 1.0, 0.0, eos=[])(rows)
+    # the end-of-sequence tokens: what rows 0-5 drew third, unless 6-7 draw
+    # it; with the same seed, rows 0-5 end by step 8 and rows 6-7 never do
+    stops = {r[2] for r in free[:6]} - {t for r in free[6:] for t in r}
+    assert stops
+    runs = []
+    for shrink in (True, False):
+        dec = decode.Decoder(model, 30, 1.0, 0.0, eos=sorted(stops))
+        sizes, step = [], dec.step
+        dec.step = lambda *a, s=sizes, f=step: s.append(a[0].shape[0]) or f(*a)
+        mx.random.seed(11)
+        if shrink:
+            runs.append(dec(rows))
+        else:
+            saved, decode._survivors = decode._survivors, lambda finished: None
+            try:
+                runs.append(dec(rows))
+            finally:
+                decode._survivors = saved
+        runs[-1] = (runs[-1], min(sizes))
+    (shrunk, smallest), (kept, full) = runs
+    assert shrunk == kept == cut(free, stops)
+    assert smallest < full == len(rows)

@@ -15,7 +15,10 @@ token; and it prefills a prompt once per sample. Here, per batch:
   :mod:`rsa_mlx.ops.fastmath` in attention, SiLU and sampling;
 * tokens are drawn by :func:`rsa_mlx.ops.sampling.sample` (one uniform per
   row) and stay on the device; the host looks for end-of-sequence tokens
-  every :data:`CHECK_EVERY` steps.
+  every :data:`CHECK_EVERY` steps;
+* finished rows leave the batch once at most half of it still runs (as
+  mlx-lm's do), so a batch of short refusals and long answers costs the
+  long answers at a small batch, not at the full one.
 
 Models whose cache is not mlx-lm's plain ``KVCache`` in every layer (sliding
 windows, state-space layers) are not covered: :func:`supported` says so
@@ -185,8 +188,7 @@ class Decoder:
             mx.async_eval(token, done)
             if t % CHECK_EVERY:
                 continue
-            out[live, first : t + 1] = np.array(mx.stack(pending, axis=1))
-            pending, first = [], t + 1
+            first = _flush(out, live, first, pending)
             finished = np.array(done)
             if finished.all():
                 break
@@ -196,21 +198,30 @@ class Decoder:
                 token, done, left, u = token[idx], done[idx], left[idx], u[:, idx]
                 keys, values = [k[idx] for k in keys], [v[idx] for v in values]
                 live = live[keep]
-        if pending:
-            out[live, first : first + len(pending)] = np.array(
-                mx.stack(pending, axis=1)
-            )
+        _flush(out, live, first, pending)
         return _cut(out, self.eos)
+
+
+def _flush(out: np.ndarray, live: np.ndarray, first: int, pending: list) -> int:
+    """Write the tokens drawn since the last flush (``pending``, one [B]
+    array per step, batch row ``b`` answering prompt ``live[b]``) to
+    ``out`` from column ``first``; empties ``pending``; the next column."""
+    if pending:
+        out[live, first : first + len(pending)] = np.array(mx.stack(pending, axis=1))
+    first += len(pending)
+    pending.clear()
+    return first
 
 
 def _survivors(finished: np.ndarray) -> np.ndarray | None:
     """The batch rows to keep once at most half of them still run: the
-    running ones, padded with finished ones to a power of two (at most
-    log2(batch) batch shapes, so few traces); None to keep all."""
+    running ones, padded with finished ones to a power of two (so a batch
+    of B takes at most log2(B) + 1 shapes, each one trace); None to keep
+    all."""
     running = np.flatnonzero(~finished)
     if len(running) > len(finished) // 2:
         return None
-    size = 1 << max(0, int(len(running) - 1).bit_length())
+    size = 1 << (max(len(running), 1) - 1).bit_length()
     padding = np.flatnonzero(finished)[: size - len(running)]
     return np.sort(np.concatenate([running, padding]))
 

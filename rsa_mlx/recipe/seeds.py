@@ -24,7 +24,15 @@ from rsa_mlx.util import progress
 from rsa_mlx.util.atomic import save_json, save_text
 from rsa_mlx.util.errors import ConfigError, InputError, quote
 
-__all__ = ["MEASURES", "load_runs", "measures", "paired", "run_seeds", "summarise"]
+__all__ = [
+    "MEASURES",
+    "comparisons",
+    "load_runs",
+    "measures",
+    "paired",
+    "run_seeds",
+    "summarise",
+]
 
 RESULTS_FILE = "results.json"
 SUMMARY_FILE = "seeds.md"
@@ -183,9 +191,9 @@ def verdict(diff: Interval, higher: bool) -> str:
 
 
 def comparisons(models) -> list[tuple[str, str]]:
-    """``(later, earlier)`` for every pair of trained methods in their order:
-    with SACPO, RSA (CVaR), RSA (ERM), CVaR and ERM each against SACPO,
-    then ERM against CVaR."""
+    """``(later, earlier)`` for every pair of trained methods, in their
+    order: n (n - 1) / 2 pairs. For SACPO, RSA (CVaR), RSA (ERM): RSA (CVaR)
+    and RSA (ERM) each against SACPO, then RSA (ERM) against RSA (CVaR)."""
     methods = [m for m in models if m not in ("base", "stage1")]
     return [(b, a) for j, b in enumerate(methods) for a in methods[:j]]
 
@@ -229,7 +237,8 @@ def seed_report(runs: list[dict], decoding: str = "greedy") -> str:
 
 
 def write_seed_report(out: Path, paths) -> str:
-    """``seeds.md`` and ``seeds.json`` (the intervals) in ``out``."""
+    """``seeds.md`` and ``seeds.json`` in ``out``: the intervals per model
+    and the paired differences (:func:`comparisons`), greedy answers."""
     runs = load_runs(paths)
     text = seed_report(runs)
     summary = {
@@ -242,7 +251,11 @@ def write_seed_report(out: Path, paths) -> str:
     }
     save_json(
         out / "seeds.json",
-        {"runs": [r["path"] for r in runs], "greedy": summary, "paired": differences},
+        {
+            "runs": [r["path"] for r in runs],
+            "greedy": summary,
+            "paired": {"greedy": differences},
+        },
     )
     save_text(out / SUMMARY_FILE, text)
     return text
