@@ -205,3 +205,27 @@ def test_every_method_is_compared_with_each_before_it(tmp_path):
     got = saved["rsa-erm - rsa-cvar"]["refused: AdvBench"]
     want = reference_ci([e[0] - r[0] for e, r in zip(erm, rsa)])
     assert (got["mean"], got["lo"], got["hi"]) == pytest.approx(want, abs=1e-5)
+
+
+def test_runs_that_sampled_are_summarised_for_both_decodings(tmp_path):
+    paths, sacpo, _ = three_runs(tmp_path)
+    saved = seeds.write_seed_report(tmp_path, paths)
+    assert "sampled" not in json.loads((tmp_path / "seeds.json").read_text())
+    assert "(sampled answers)" not in saved
+    for path in paths:
+        data = json.loads((path / "results.json").read_text())
+        data["settings"]["eval_samples"] = 1
+        for metrics_ in data["results"].values():
+            for key in [k for k in metrics_ if k.endswith("_greedy")]:
+                metrics_[key.replace("_greedy", "_sampled")] = metrics_[key] * 0.8
+        (path / "results.json").write_text(json.dumps(data))
+    text = seeds.write_seed_report(tmp_path, paths)
+    assert "(greedy answers)" in text and "(sampled answers)" in text
+    saved = json.loads((tmp_path / "seeds.json").read_text())
+    got = saved["sampled"]["sacpo"]["refused: AdvBench"]
+    want = reference_ci([0.8 * s[0] for s in sacpo])
+    assert (got["mean"], got["lo"], got["hi"]) == pytest.approx(want, abs=1e-5)
+    assert list(saved["paired"]) == ["greedy", "sampled"]
+    assert saved["greedy"]["sacpo"]["refused: AdvBench"]["mean"] == pytest.approx(
+        np.mean([s[0] for s in sacpo])
+    )

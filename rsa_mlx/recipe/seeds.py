@@ -236,27 +236,36 @@ def seed_report(runs: list[dict], decoding: str = "greedy") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_seed_report(out: Path, paths) -> str:
-    """``seeds.md`` and ``seeds.json`` in ``out``: the intervals per model
-    and the paired differences (:func:`comparisons`), greedy answers."""
-    runs = load_runs(paths)
-    text = seed_report(runs)
-    summary = {
+def decodings(runs: list[dict]) -> list[str]:
+    """``greedy``, and ``sampled`` where the runs also sampled answers."""
+    sampled = all(r["settings"].get("eval_samples", 0) > 0 for r in runs)
+    return ["greedy", "sampled"] if sampled else ["greedy"]
+
+
+def _as_dicts(table: dict) -> dict:
+    return {
         m: {k: dataclasses.asdict(v) for k, v in row.items()}
-        for m, row in summarise(runs).items()
+        for m, row in table.items()
     }
-    differences = {
-        f"{b} - {a}": {k: dataclasses.asdict(v) for k, v in paired(runs, b, a).items()}
-        for b, a in comparisons(summary)
-    }
-    save_json(
-        out / "seeds.json",
-        {
-            "runs": [r["path"] for r in runs],
-            "greedy": summary,
-            "paired": {"greedy": differences},
-        },
-    )
+
+
+def write_seed_report(out: Path, paths) -> str:
+    """``seeds.md`` and ``seeds.json`` in ``out``: per decoding (greedy,
+    and sampled when the runs sampled), the intervals per model and the
+    paired differences (:func:`comparisons`)."""
+    runs = load_runs(paths)
+    data, paired_data = {"runs": [r["path"] for r in runs]}, {}
+    for decoding in decodings(runs):
+        summary = summarise(runs, decoding)
+        data[decoding] = _as_dicts(summary)
+        paired_data[decoding] = _as_dicts(
+            {
+                f"{b} - {a}": paired(runs, b, a, decoding)
+                for b, a in comparisons(summary)
+            }
+        )
+    save_json(out / "seeds.json", {**data, "paired": paired_data})
+    text = "\n".join(seed_report(runs, d) for d in decodings(runs))
     save_text(out / SUMMARY_FILE, text)
     return text
 
