@@ -2,11 +2,11 @@
 # A real chat model aligned offline, end to end, from its own answers:
 # SmolLM2-135M-Instruct (GGUF from PyPI) -> self-generated preference pairs
 # (written refusals vs. compliance on harmful requests, answers vs. refusals
-# on benign and borderline ones) -> SACPO and RSA (CVaR), both stages with LoRA -> refusal and
+# on benign and borderline ones) -> SACPO and RSA (ERM), both stages with LoRA -> refusal and
 # helpfulness on held-out prompts -> a Hugging Face folder and a GGUF file.
 #
 #   bash examples/smollm2_offline_recipe.sh            # full: SACPO and RSA, ~54 min on 2 idle CPU cores
-#   QUICK=1 bash examples/smollm2_offline_recipe.sh    # RSA only, smaller sets at a higher learning rate
+#   QUICK=1 bash examples/smollm2_offline_recipe.sh    # RSA (CVaR) only, smaller sets at a higher learning rate
 #   SEEDS=0,1,2 bash examples/smollm2_offline_recipe.sh # three seeds, 95% intervals in work/smollm2/run/seeds.md
 #
 # The two downloads come from PyPI (the model and the prompt list ship inside

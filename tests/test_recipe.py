@@ -24,7 +24,7 @@ def test_recipe_smoke_run_on_a_tiny_model_and_resume(tmp_path):
     cfg = tiny_recipe(tmp_path)
     out = tmp_path / "out"
     summary = run(cfg)
-    assert list(summary) == ["base", "stage1", "sacpo", "rsa-cvar"]
+    assert list(summary) == ["base", "stage1", "sacpo", "rsa-erm"]
     for name in ("report.md", "plot.svg", "results.json", "data/eval.jsonl"):
         assert (out / name).exists(), name
     sets = [
@@ -38,28 +38,26 @@ def test_recipe_smoke_run_on_a_tiny_model_and_resume(tmp_path):
     # the default leaves cut answers open: the tiny model's run to the limit
     assert made["reward"]["truncated"]["chosen"] > 0
     assert made["safety"]["truncated"]["rejected"] > 0
-    evaluated = json.loads((out / "eval" / "rsa-cvar.json").read_text())
+    evaluated = json.loads((out / "eval" / "rsa-erm.json").read_text())
     assert len(evaluated["answers"]["advbench"]["greedy"]) == 3
     for key in ("unsafe_rate", "helpfulness", "loops", "shift_kl",
                 "refusal_phrased_sampled", "fluency_benign_greedy"):  # fmt: skip
         assert key in evaluated["metrics"], key
     report = (out / "report.md").read_text()
-    assert "Examples (greedy)" in report and "RSA (CVaR)" in report
+    assert "Examples (greedy)" in report and "RSA (ERM)" in report
     assert (out / "export-hf" / "config.json").exists()
     assert (out / "aligned.gguf").stat().st_size > 0
     # the time of every step, over all calls
     saved = json.loads((out / "results.json").read_text())
     steps = saved["steps"]
-    for step in ("pairs", "train sacpo", "train rsa-cvar", "evaluate base", "export"):
+    for step in ("pairs", "train sacpo", "train rsa-erm", "evaluate base", "export"):
         assert steps[step] > 0, step
     assert saved["seconds"] == pytest.approx(sum(steps.values()))
     # a second run finds every step done and changes nothing
-    stamp = (out / "runs" / "rsa-cvar" / "final" / "adapters.safetensors").stat()
+    stamp = (out / "runs" / "rsa-erm" / "final" / "adapters.safetensors").stat()
     assert run(cfg) == summary
     assert json.loads((out / "results.json").read_text())["steps"] == steps
-    assert (
-        out / "runs" / "rsa-cvar" / "final" / "adapters.safetensors"
-    ).stat() == stamp
+    assert (out / "runs" / "rsa-erm" / "final" / "adapters.safetensors").stat() == stamp
     # a setting that changes the data or the training is refused by name
     with pytest.raises(ConfigError, match=r"learning_rate 5e-05 -> 0\.001"):
         run(tiny_recipe(tmp_path, learning_rate=1e-3))

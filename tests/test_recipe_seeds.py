@@ -176,13 +176,13 @@ def test_seeds_flag_runs_each_seed_and_writes_the_summary(tmp_path):
     for seed in (3, 4):
         saved = json.loads((out / f"seed-{seed}" / "results.json").read_text())
         assert saved["settings"]["seed"] == seed
-        assert list(saved["results"]) == ["base", "sacpo", "rsa-cvar"]
+        assert list(saved["results"]) == ["base", "sacpo", "rsa-erm"]
     # the held-out split follows the seed
     evals = [(out / f"seed-{s}" / "data" / "eval.jsonl").read_text() for s in (3, 4)]
     assert evals[0] != evals[1]
     report = (out / "seeds.md").read_text()
     assert report.startswith("# The recipe over seeds 3, 4")
-    assert "RSA (CVaR) minus SACPO" in report
+    assert "RSA (ERM) minus SACPO" in report
     summary = json.loads((out / "seeds.json").read_text())
     assert summary["greedy"]["sacpo"]["refused: AdvBench"]["n"] == 2
 

@@ -3,7 +3,7 @@ generation, seeded) with the token ids sampled, and teacher-forced
 log-probabilities of given responses.
 
 Generation is :mod:`rsa_mlx.eval.decode` (``impl="fast"``, the default;
-1.7-2x the tokens/s of mlx-lm's on a 2-core CPU at batch 32, where the
+1.3-2x the tokens/s of mlx-lm's on a 2-core CPU at batch 32, where the
 model's matrix products bound both: docs/benchmarks.md "Sampling") or
 mlx-lm's ``batch_generate`` (``impl="mlx_lm"``, also used for models the
 fast path does not cover). Both sample ``softmax(logits / T)`` (after
